@@ -62,7 +62,7 @@ def test_init_without_rendezvous_raises_clearly(clean_env):
         D.init_distributed()
 
 
-def test_single_process_helpers_are_identities():
+def test_single_process_functions_are_identities():
     x = torch.randn(3, 2, requires_grad=True)
     gathered = D.all_gather(x)
     assert torch.equal(gathered, x) and not gathered.requires_grad

@@ -77,7 +77,9 @@ def test_bad_inputs_raise():
 
 
 def test_mask_prompt_and_padding():
-    input_ids = torch.tensor([[30522, 1037, 3861, 1997, 1037, 3899, 102, 0], [30522, 1037, 3861, 1997, 4937, 102, 0, 0]])
+    input_ids = torch.tensor(
+        [[30522, 1037, 3861, 1997, 1037, 3899, 102, 0], [30522, 1037, 3861, 1997, 4937, 102, 0, 0]]
+    )
     attention_mask = (input_ids != 0).long()
     labels = mask_prompt_and_padding(input_ids, attention_mask, prompt_length=4)
     assert labels.tolist() == [

@@ -82,7 +82,9 @@ def itc_hard_targets(
     idx = idx.reshape(-1, 1)
     idx_all = idx_all.reshape(1, -1)
     if idx.shape[0] != batch_size or idx_all.shape[1] != num_all:
-        raise ValueError(f"idx {tuple(idx.shape)} / idx_all {tuple(idx_all.shape)} do not match B={batch_size}, N={num_all}")
+        raise ValueError(
+            f"idx {tuple(idx.shape)} / idx_all {tuple(idx_all.shape)} do not match B={batch_size}, N={num_all}"
+        )
     pos = torch.eq(idx, idx_all).to(dtype)
     # Each batch id occurs in idx_all (its own momentum feature), so no row sums to zero; a
     # data-dependent check here would cost a device sync every step, so misuse shows up as NaN.

@@ -30,7 +30,8 @@ def _positive_mask(batch_size: int, num_candidates: int, idx: Tensor | None, idx
     idx_all = (idx if idx_all is None else idx_all).reshape(1, -1).to(device)
     if idx.shape[0] != batch_size or idx_all.shape[1] != num_candidates:
         raise ValueError(
-            f"idx {tuple(idx.shape)} / idx_all {tuple(idx_all.shape)} do not match sims ({batch_size}, {num_candidates})"
+            f"idx {tuple(idx.shape)} / idx_all {tuple(idx_all.shape)} "
+            f"do not match sims ({batch_size}, {num_candidates})"
         )
     return idx == idx_all
 
@@ -80,7 +81,7 @@ def sample_hard_negatives(
             ids gathered over all ranks for global negatives); defaults to ``idx``. Without ids the
             sims must be square.
         eps: added to the softmax before masking (1e-4 in pretraining, 0 in retrieval).
-        generator: optional RNG for reproducible draws.
+        generator: optional RNG for reproducible draws (on the same device as the sims).
 
     Returns:
         ``(neg_image_index_per_text, neg_text_index_per_image)``: two (B,) int64 tensors of
@@ -102,7 +103,7 @@ def sample_hard_negatives(
 
     weights_t2i = _negative_weights(sim_t2i, positive, eps)
     weights_i2t = _negative_weights(sim_i2t, positive, eps)
-    # Order matters for reproducibility with the original: negatives images (per text) first.
+    # Order matters for reproducibility with the original: negative images (per text) first.
     neg_image_per_text = torch.multinomial(weights_t2i, 1, generator=generator).squeeze(1)
     neg_text_per_image = torch.multinomial(weights_i2t, 1, generator=generator).squeeze(1)
     return neg_image_per_text, neg_text_per_image

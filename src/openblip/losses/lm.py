@@ -37,7 +37,9 @@ def lm_loss(
         A scalar, or (B,) for ``reduction="none"``.
     """
     if logits.dim() != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"expected logits (B, L, V) and labels (B, L), got {tuple(logits.shape)}, {tuple(labels.shape)}")
+        raise ValueError(
+            f"expected logits (B, L, V) and labels (B, L), got {tuple(logits.shape)}, {tuple(labels.shape)}"
+        )
     if reduction not in ("mean", "none", "sum"):
         raise ValueError(f"unknown reduction {reduction!r}")
     batch_size, _, vocab = logits.shape

@@ -2,7 +2,7 @@
 
 Launch with ``torchrun`` (``RANK``/``WORLD_SIZE``/``LOCAL_RANK``) or ``srun`` (``SLURM_*``; set
 ``MASTER_ADDR``/``MASTER_PORT`` in the job script). A single process needs no process group:
-every helper here degrades to the identity, so training and tests run unchanged on one device
+every function here degrades to the identity, so training and tests run unchanged on one device
 (the original required ``torch.distributed`` even on one GPU, quirk L.7).
 
 Collectives assume every rank contributes a tensor of the same shape (use ``drop_last``).
