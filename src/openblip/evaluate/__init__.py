@@ -4,6 +4,7 @@ Functions take plain Python inputs and return JSON-serialisable results (score m
 tensors; `recall_at_k` turns them into floats).
 """
 
+from .caption_metrics import caption_scores, ptb_tokenize
 from .retrieval import recall_at_k, retrieval_scores
 
-__all__ = ["recall_at_k", "retrieval_scores"]
+__all__ = ["caption_scores", "ptb_tokenize", "recall_at_k", "retrieval_scores"]
