@@ -47,7 +47,12 @@ def _batches(dataset, make_loader: Callable, data: DataState, skipped: Counter) 
     while True:
         dataset.set_epoch(data.epoch, data.position)
         produced = False
-        for batch in make_loader(dataset):
+        # Creating a loader iterator draws its base seed from the global torch RNG; keep that
+        # draw out of the stream that dropout uses, or resuming would shift every mask after it.
+        saved = torch.get_rng_state()
+        loader = iter(make_loader(dataset))
+        torch.set_rng_state(saved)
+        for batch in loader:
             produced = True
             data.position = batch["next_position"]
             skipped.update(batch.get("skipped", {}))
@@ -140,8 +145,11 @@ class Trainer:
         dist.barrier()
 
     # -- the loop ---------------------------------------------------------------------
-    def fit(self) -> dict[str, float]:
+    def fit(self, stop_at: int | None = None) -> dict[str, float]:
+        """Train to ``cfg.max_steps``, or stop early after step ``stop_at`` with a checkpoint
+        (to fit a job's time limit; a later ``resume`` continues the same schedule)."""
         cfg = self.cfg
+        end = min(cfg.max_steps, stop_at) if stop_at else cfg.max_steps
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.info.is_main:
             (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -150,7 +158,7 @@ class Trainer:
         last: dict[str, float] = {}
         bar = self._bar()
         tick, seen = time.perf_counter(), 0
-        while self.step < cfg.max_steps:
+        while self.step < end:
             lr = self.scheduler.step(self.step)
             totals: dict[str, float] = {}
             for micro in range(cfg.grad_accum):
@@ -168,7 +176,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             last = {"lr": lr, **totals}
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+            if self.step % cfg.log_every == 0 or self.step == end:
                 elapsed = time.perf_counter() - tick
                 rate = seen * self.info.world_size / max(elapsed, 1e-9)
                 self._log_line({"step": self.step, "epoch": self.data.epoch, **last, "samples_per_s": round(rate, 2),
@@ -177,7 +185,7 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{totals['loss']:.3f}", lr=f"{lr:.2e}")
-            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+            if self.step % cfg.save_every == 0 or self.step == end:
                 self.save()
         if bar is not None:
             bar.close()

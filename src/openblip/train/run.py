@@ -118,8 +118,12 @@ def build_dataset(cfg: TrainConfig, train_data: str, image_size: int, info: dist
 
 
 def train(cfg: TrainConfig, train_data: str, output: str | Path, *, resume: bool = False,
-          info: dist.DistInfo | None = None, progress: bool = True) -> dict[str, float]:
-    """Run (or resume) a training run; returns the last step's logged values."""
+          info: dist.DistInfo | None = None, progress: bool = True, stop_at: int | None = None) -> dict[str, float]:
+    """Run (or resume) a training run; returns the last step's logged values.
+
+    ``stop_at`` ends the run early after that step with a checkpoint, as a job
+    that hits its time limit; ``resume=True`` later continues it exactly.
+    """
     info = info or dist.DistInfo()
     output = Path(output)
     if not resume and (output / "checkpoints").is_dir() and any((output / "checkpoints").iterdir()):
@@ -139,4 +143,4 @@ def train(cfg: TrainConfig, train_data: str, output: str | Path, *, resume: bool
                       progress=progress)
     if resume:
         trainer.resume()
-    return trainer.fit()
+    return trainer.fit(stop_at=stop_at)
