@@ -9,6 +9,7 @@ a run stopped at step N and resumed ends with exactly the weights of a straight 
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 import time
@@ -95,7 +96,10 @@ class Trainer:
         self.module = task
         if self.info.distributed:
             ids = [self.info.device.index] if self.info.device.type == "cuda" else None
-            self.module = DistributedDataParallel(task, device_ids=ids, broadcast_buffers=False)
+            # Queues are identical on every rank by construction; no need to re-send them each step.
+            sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(
+                DistributedDataParallel.__init__).parameters else {"broadcast_buffers": False})
+            self.module = DistributedDataParallel(task, device_ids=ids, **sync)
 
     # -- checkpoints ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
