@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import inference, tools
+from . import evaluate, inference, tools, train
 from .common import EXIT_USAGE, CliError
 
 
@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"openblip {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     inference.register(sub)
+    train.register(sub)
+    evaluate.register(sub)
     tools.register(sub)
     return parser
 
