@@ -108,8 +108,7 @@ def run_caption_eval(args: argparse.Namespace) -> int:
         for i, text in zip(idx, blip.caption_pixels(pixels, prompt_ids, gen)):
             predictions[str(i)] = text
     references = {str(i): [evalset.texts[t] for t in evalset.img2txt[i]] for i in order}
-    java = True if args.java_metrics else False
-    result = caption_scores(predictions, references, meteor=java, spice=java)
+    result = caption_scores(predictions, references, meteor=args.java_metrics, spice=args.java_metrics)
     result.update(images=len(evalset))
     if args.predictions:
         records = [{"image": evalset.keys[i] if evalset.keys else i, "caption": predictions[str(i)]} for i in order]
