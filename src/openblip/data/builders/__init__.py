@@ -1,0 +1,5 @@
+"""Builders that turn locally installed (Debian-packaged) datasets into WebDataset shards."""
+
+from .common import MissingPackageError
+
+__all__ = ["MissingPackageError"]
