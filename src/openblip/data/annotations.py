@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Sampler, default_collate
 
 from openblip.images import DEFAULT_MAX_PIXELS, ImageError, load_image
@@ -279,15 +280,8 @@ class RetrievalEvalSet(Dataset):
         except (ImageError, OSError, EOFError) as exc:
             self.skipped["bad_image"] += 1
             log.warning("retrieval eval image %d (%s) unreadable, using zeros: %s", i, self.keys[i], exc)
-            probe = self.transform(_blank())
-            return torch.zeros_like(probe), i
+            return torch.zeros_like(self.transform(Image.new("RGB", (32, 32)))), i
         return self.transform(image), i
-
-
-def _blank():
-    from PIL import Image
-
-    return Image.new("RGB", (32, 32))
 
 
 def load_retrieval_json(
