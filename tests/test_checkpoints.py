@@ -15,6 +15,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -382,6 +383,39 @@ def test_cached_hub_model_needs_no_network(tmp_path, monkeypatch, hf_blip):
     assert model.cfg.extra["source"]["commit"] == commit
     with pytest.raises(HubUnavailableError, match="HF_HUB_OFFLINE"):
         load_model("openblip-test/not-cached")
+
+
+def test_hub_download_picks_one_weight_format(monkeypatch, hf_blip):
+    """Online path (simulated): the listing is fetched with a timeout, then only safetensors are downloaded."""
+    from huggingface_hub.utils import LocalEntryNotFoundError
+
+    from openblip.checkpoints import hub
+
+    hf_dir, _, _ = hf_blip("caption")
+    calls = []
+
+    class FakeApi:
+        def model_info(self, repo_id, *, revision, timeout):
+            calls.append(("info", repo_id, revision, timeout))
+            files = ["config.json", "model.safetensors", "pytorch_model.bin", "tokenizer.json", "README.md"]
+            return SimpleNamespace(sha="b" * 40, siblings=[SimpleNamespace(rfilename=f) for f in files])
+
+    def fake_snapshot_download(repo_id, *, revision, allow_patterns, local_files_only=False, etag_timeout=None):
+        calls.append(("download", revision, tuple(allow_patterns), local_files_only))
+        if local_files_only:
+            raise LocalEntryNotFoundError("not cached")
+        return str(hf_dir)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "HfApi", FakeApi)
+    monkeypatch.setattr(hub, "snapshot_download", fake_snapshot_download)
+    model, _ = load_model("openblip-test/tiny-caption", revision="v1")
+    assert model.cfg.task == "caption"
+    (_, _, _, cached), (_, repo, revision, timeout), (_, sha, patterns, offline) = calls
+    assert cached and (repo, revision) == ("openblip-test/tiny-caption", "v1") and 0 < timeout <= 60
+    assert sha == "b" * 40 and not offline
+    assert "model.safetensors" in patterns and "pytorch_model.bin" not in patterns and "config.json" in patterns
 
 
 def test_unreachable_hub_fails_within_seconds(tmp_path):

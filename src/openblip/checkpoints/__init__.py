@@ -154,6 +154,8 @@ def load_model(
     else:
         path = Path(source).expanduser()
     cfg, sd, source_task, info, tokenizer = _read(path, fmt)
+    if len(tokenizer) > cfg.text.vocab_size:
+        logger.warning("tokenizer has %d tokens, the model %d embeddings", len(tokenizer), cfg.text.vocab_size)
     cfg = select_task(cfg, source_task, task)
     if grounded_first_token is not None:
         cfg.grounded_first_token = grounded_first_token
