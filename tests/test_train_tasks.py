@@ -107,3 +107,15 @@ def test_retrieval_task_needs_ids_and_treats_same_image_captions_as_positives():
     assert set(out) == {"loss", "loss_itc", "loss_itm"}
     assert torch.isfinite(out["loss"])
     assert task.contrast.queue.idx_queue[0, :4].tolist() == [7, 7, 8, 9]
+
+
+def test_lm_loss_on_scored_positions_equals_the_full_lm_loss():
+    from openblip.losses import lm_loss, mask_prompt_and_padding
+
+    task = _pretrain()
+    ids, mask = task.tokens(["a dog", "a much longer caption with more words"], "dec", 30, "max_length")
+    image = task.model.encode_image(torch.randn(2, 3, 64, 64))
+    labels = mask_prompt_and_padding(ids, mask, 1)
+    fast = task.lm_loss(ids, mask, image, labels, 0.1)
+    logits, _ = task.model.decode(ids, mask, states=image)
+    assert torch.allclose(fast, lm_loss(logits, labels, label_smoothing=0.1), atol=1e-5)

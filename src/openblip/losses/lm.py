@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["lm_loss", "mask_prompt_and_padding", "IGNORE_INDEX"]
+__all__ = ["lm_loss", "mask_prompt_and_padding", "scored_positions", "IGNORE_INDEX"]
 
 # Label value excluded from the loss (PyTorch's default ignore_index, used by the original).
 IGNORE_INDEX = -100
@@ -75,3 +75,16 @@ def mask_prompt_and_padding(input_ids: Tensor, attention_mask: Tensor, prompt_le
     labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
     labels[:, :prompt_length] = IGNORE_INDEX
     return labels
+
+
+def scored_positions(hidden: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Hidden states that predict a label, and those labels: ``(N, D)``, ``(N,)``.
+
+    Position ``t`` predicts ``labels[:, t + 1]``; positions whose target is -100
+    (padding, prompt) are dropped. Applying the LM head to these rows only and
+    taking a mean cross-entropy gives exactly ``lm_loss(head(hidden), labels)``
+    while skipping the vocabulary projection of every padded position.
+    """
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    return hidden[:, :-1][keep], targets[keep]

@@ -135,8 +135,9 @@ class BlipModel(nn.Module):
         past: list[KV] | None = None,
         use_cache: bool = False,
         last_only: bool = False,
+        head: bool = True,
     ) -> tuple[torch.Tensor, list[KV] | None]:
-        """Decoder logits ``(B, L, V)`` for ids starting with [DEC]."""
+        """Decoder logits ``(B, L, V)`` for ids starting with [DEC] (hidden states with ``head=False``)."""
         return self.part("text_decoder", "decoding")(
             input_ids,
             attention_mask,
@@ -146,7 +147,12 @@ class BlipModel(nn.Module):
             past=past,
             use_cache=use_cache,
             last_only=last_only,
+            head=head,
         )
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits ``(..., V)`` for decoder hidden states ``(..., D)``."""
+        return self.part("text_decoder", "decoding").cls.predictions(hidden)
 
     def clamp_temp(self) -> None:
         """Keep the learned temperature in [0.001, 0.5], as BLIP does every step."""

@@ -297,8 +297,13 @@ class TextDecoder(nn.Module):
         past: list[KV] | None = None,
         use_cache: bool = False,
         last_only: bool = False,
+        head: bool = True,
     ) -> tuple[torch.Tensor, list[KV] | None]:
-        """Logits ``(B, L, V)`` (``(B, 1, V)`` with ``last_only``) and the new cache."""
+        """Logits ``(B, L, V)`` (``(B, 1, V)`` with ``last_only``) and the new cache.
+
+        ``head=False`` returns the hidden states ``(B, L, D)`` instead, so that a loss
+        can apply the LM head to the positions it scores only.
+        """
         hidden, presents = self.bert(
             input_ids,
             attention_mask,
@@ -311,7 +316,7 @@ class TextDecoder(nn.Module):
         )
         if last_only:
             hidden = hidden[:, -1:]
-        return self.cls.predictions(hidden), presents
+        return (self.cls.predictions(hidden) if head else hidden), presents
 
 
 def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:

@@ -15,9 +15,10 @@ about losses.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..losses import itm_labels, itm_loss, lm_loss, mask_prompt_and_padding, ramp_alpha, sample_hard_negatives
+from ..losses import itm_labels, itm_loss, mask_prompt_and_padding, ramp_alpha, sample_hard_negatives, scored_positions
 from ..models.blip import BlipModel
 from ..tokenizer import BlipTokenizer
 from .momentum import MomentumContrast
@@ -33,6 +34,13 @@ class Task(nn.Module):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
+
+    def lm_loss(self, ids, mask, image_embeds, labels, label_smoothing: float) -> torch.Tensor:
+        """Mean next-token loss; the LM head runs only on positions that have a target."""
+        hidden, _ = self.model.decode(ids, mask, states=image_embeds, head=False)
+        rows, targets = scored_positions(hidden, labels)
+        logits = self.model.lm_head(rows)  # (N, V)
+        return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
 
     def tokens(self, captions: list[str], first_token: str, max_length: int, padding: str = "longest"):
         enc = self.tokenizer(captions, max_length=max_length, padding=padding, first_token=first_token)
@@ -104,9 +112,8 @@ class PretrainTask(_ContrastiveTask):
         loss_itc, loss_itm, image_embeds, ids, mask = self.itc_itm(pixels, captions, step, None, generator)
         dec_ids = ids.clone()
         dec_ids[:, 0] = self.tokenizer.dec_token_id
-        logits, _ = self.model.decode(dec_ids, mask, states=image_embeds)
         labels = mask_prompt_and_padding(dec_ids, mask, 0)
-        loss_lm = lm_loss(logits.float(), labels, label_smoothing=self.label_smoothing)
+        loss_lm = self.lm_loss(dec_ids, mask, image_embeds, labels, self.label_smoothing)
         return {"loss": loss_itc + loss_itm + loss_lm, "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_lm": loss_lm}
 
 
@@ -142,7 +149,6 @@ class CaptionTask(Task):
     def forward(self, pixels, captions, *, step: int, idx=None, generator=None) -> dict[str, torch.Tensor]:
         ids, mask = self.tokens([self.prompt + c for c in captions], "dec", self.max_length)
         image_embeds = self.model.encode_image(pixels)
-        logits, _ = self.model.decode(ids, mask, states=image_embeds)
         labels = mask_prompt_and_padding(ids, mask, self.prompt_length)
-        loss = lm_loss(logits.float(), labels, label_smoothing=self.label_smoothing)
+        loss = self.lm_loss(ids, mask, image_embeds, labels, self.label_smoothing)
         return {"loss": loss, "loss_lm": loss}
