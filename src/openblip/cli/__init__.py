@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 
 from .. import __version__
-from . import evaluate, inference, tools, train
+from . import capfilt, evaluate, inference, tools, train
 from .common import EXIT_USAGE, CliError
 
 
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.register(sub)
     evaluate.register(sub)
     tools.register(sub)
+    capfilt.register(sub)
     return parser
 
 
