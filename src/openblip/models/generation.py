@@ -84,19 +84,28 @@ def _process(scores: torch.Tensor, seqs: torch.Tensor, cfg: GenerationConfig) ->
 
 
 def _warp(scores: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
-    """Temperature, top-k and top-p (nucleus) filtering for sampling."""
+    """Temperature, top-k and top-p (nucleus) filtering for sampling.
+
+    With top-k on, the nucleus is found among the k survivors only (the others
+    have zero probability), which avoids sorting the whole vocabulary every step.
+    """
     if cfg.temperature != 1.0:
         scores = scores / cfg.temperature
     if cfg.top_k and cfg.top_k < scores.shape[-1]:
-        kth = scores.topk(cfg.top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, -float("inf"))
+        values, index = scores.topk(cfg.top_k, dim=-1)  # (N, k), descending
+        values = _nucleus(values.flip(-1), cfg.top_p).flip(-1) if cfg.top_p < 1.0 else values
+        return torch.full_like(scores, -float("inf")).scatter(1, index, values)
     if cfg.top_p < 1.0:
         sorted_scores, order = scores.sort(dim=-1)
-        cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-        drop = cum <= 1.0 - cfg.top_p
-        drop[:, -1] = False  # always keep the most likely token
-        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+        return scores.scatter(1, order, _nucleus(sorted_scores, cfg.top_p))
     return scores
+
+
+def _nucleus(ascending: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) the least likely entries of ascending scores outside the top-p mass."""
+    drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1.0 - top_p
+    drop[:, -1] = False  # always keep the most likely token
+    return ascending.masked_fill(drop, -float("inf"))
 
 
 class _Stepper:
