@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from .. import __version__
 from . import capfilt, evaluate, inference, tools, train
+from . import bootstrap
 from .common import EXIT_USAGE, CliError
 
 
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.register(sub)
     tools.register(sub)
     capfilt.register(sub)
+    bootstrap.register(sub)
     return parser
 
 
