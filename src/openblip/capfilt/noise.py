@@ -99,9 +99,13 @@ def _usable(sample: dict[str, Any]) -> bool:
 
 def _scan(paths: list[str], settings: NoiseSettings, stats: Counter) -> list[_Item]:
     """Captions and groups of the usable samples, in input order (images are not read)."""
-    items, seen = [], set()
+    items: list[_Item] = []
+    seen: set[str] = set()
+    limit = settings.human_size + settings.web_size if settings.web_size else None
     for path in paths:
         for sample in iter_samples(path, stats=stats, lazy=IMAGE_EXTENSIONS):
+            if limit is not None and len(items) >= limit:
+                return items
             if not _usable(sample):
                 stats["unusable"] += 1
                 continue
@@ -220,7 +224,7 @@ def make_noisy_split(source: str | os.PathLike, output_dir: str | os.PathLike, s
         "human": {"samples": human, "shards": len(human_paths), "pattern": _pattern(human_paths)},
         "web": {"samples": len(web), "swapped": len(donors), "fraction": len(donors) / len(web),
                 "shards": len(web_paths), "pattern": _pattern(web_paths)},
-        "unused": len(items) - human - len(web),
+        "unused": None if settings.web_size else 0,  # the scan stops once web_size samples are found
         "skipped": dict(stats),
         "seconds": round(time.time() - start, 1),
     }
