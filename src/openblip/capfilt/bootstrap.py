@@ -479,7 +479,7 @@ def _report(run: _Run) -> dict[str, Any]:
     return report
 
 
-# -- helpers of the training stages ------------------------------------------------------------
+# -- pieces of the training stages ---------------------------------------------------------------
 
 
 def _caption_init(source: str, dest: Path) -> str:
@@ -596,9 +596,10 @@ def _retrieval_metrics(source: str, evalset, labels: list[Any], settings: dict[s
         # Class-level hits: with templated captions, many texts describe the same class equally well.
         text_labels = [labels[i] for i in evalset.txt2img]
         best_text, best_image = i2t.argmax(1).tolist(), t2i.argmax(1).tolist()
-        metrics["class_txt_r1"] = 100.0 * sum(text_labels[t] == labels[i] for i, t in enumerate(best_text)) / len(labels)
-        metrics["class_img_r1"] = 100.0 * sum(
-            labels[i] == text_labels[t] for t, i in enumerate(best_image)) / len(text_labels)
+        hits_txt = sum(text_labels[t] == labels[i] for i, t in enumerate(best_text))
+        hits_img = sum(labels[i] == text_labels[t] for t, i in enumerate(best_image))
+        metrics["class_txt_r1"] = 100.0 * hits_txt / len(labels)
+        metrics["class_img_r1"] = 100.0 * hits_img / len(text_labels)
     return {k: round(float(v), 4) for k, v in metrics.items()}
 
 
