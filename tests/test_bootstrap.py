@@ -138,7 +138,8 @@ def test_bootstrap_runs_every_stage_then_continues_instead_of_redoing(tmp_path, 
     held_out = make_shards(tmp_path / "test", n_shards=1, per_shard=8, seed=1)
     out = tmp_path / "run"
     args = ["bootstrap", "--config", "tiny-test", "--output", str(out), "--no-progress",
-            "--set", f"data.noisy_split.source={source}", "--set", f"evaluate.data={held_out}"]
+            "--set", f"data.noisy_split.source={source}", "--set", f"evaluate.data={held_out}",
+            "--set", "evaluate.label_key=color"]
     assert cli_main(args) == 0
     for stage in STAGES:
         assert (out / stage / MARKER).is_file(), stage
@@ -149,7 +150,8 @@ def test_bootstrap_runs_every_stage_then_continues_instead_of_redoing(tmp_path, 
     assert report["noise"]["swapped"] == 5 and report["noise"]["swapped"] + report["noise"]["clean"] == 16
     for name in ("noisy", "bootstrapped"):
         result = report["stages"]["evaluate"]["result"][name]
-        assert set(result["retrieval"]) >= {"txt_r1", "img_r1", "r_mean"} and "CIDEr" in result["caption"]
+        assert set(result["retrieval"]) >= {"txt_r1", "img_r1", "r_mean", "class_txt_r1", "class_img_r1"}
+        assert "CIDEr" in result["caption"]
         assert len(json.loads((out / "evaluate" / f"{name}-captions.json").read_text())) == 8
     assert "| noisy |" in report["comparison"]["markdown"]
     # The same command again: every stage is skipped, nothing is rewritten.
