@@ -443,3 +443,26 @@ def test_unreachable_hub_fails_within_seconds(tmp_path):
     assert time.monotonic() - started < 60
     assert "openblip-test/made-up-blip" in message and "unreachable" in message
     assert "local directory" in message and "HF_HUB_OFFLINE" in message
+
+
+def test_tied_pretraining_weights_load_as_a_captioner(tmp_path):
+    """Encoder/decoder sharing stores shared tensors once; a decoder-only load still finds them."""
+    import torch as _torch
+
+    from openblip import BlipModel, preset
+    from openblip.checkpoints import load_model, save_model
+    from openblip.tokenizer import BlipTokenizer
+
+    _torch.manual_seed(0)
+    model = BlipModel(preset("tiny", tie_encoder_decoder=True)).eval()
+    save_model(model, BlipTokenizer.default(), tmp_path / "run")
+    captioner, _ = load_model(tmp_path / "run", task="caption")
+    assert not hasattr(captioner, "text_encoder")
+    ref = model.text_decoder.bert.encoder.layer[0].intermediate.dense.weight
+    assert _torch.equal(captioner.text_decoder.bert.encoder.layer[0].intermediate.dense.weight, ref)
+    ids = _torch.tensor([[30522, 1037, 3899]])
+    image = _torch.randn(1, 3, 64, 64)
+    with _torch.no_grad():
+        a, _ = model.decode(ids, states=model.encode_image(image))
+        b, _ = captioner.decode(ids, states=captioner.encode_image(image))
+    assert _torch.allclose(a, b, atol=1e-6)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .. import __version__
@@ -45,7 +46,17 @@ def save_model(
 
 
 def read_openblip_dir(directory: Path) -> tuple[BlipConfig, StateDict]:
-    """``(config, state dict)`` of an openblip directory."""
-    # Tied names absent from the file are fine: the model built from the config ties
-    # them, and the key check accepts any one name of a tied group.
-    return BlipConfig.load(directory / CONFIG_FILE), load_file(str(directory / WEIGHTS_FILE))
+    """``(config, state dict)`` of an openblip directory.
+
+    Tensors stored once for several names (encoder/decoder sharing, tied output
+    matrix) come back under every name, so that loading only some parts (e.g. a
+    pre-trained model as a captioner, which has no encoder) still finds them.
+    """
+    weights = str(directory / WEIGHTS_FILE)
+    sd = load_file(weights)
+    with safe_open(weights, framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    for alias, kept in aliases.items():
+        if kept in sd and alias not in sd:
+            sd[alias] = sd[kept]
+    return BlipConfig.load(directory / CONFIG_FILE), sd
