@@ -167,3 +167,20 @@ def test_itm_labels_and_loss():
     logits = torch.tensor([[0.0, math.log(3.0)]] * 6)  # p(match) = 3/4 everywhere
     expected = (2 * -math.log(0.75) + 4 * -math.log(0.25)) / 6
     assert itm_loss(logits, labels).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_also_positive_pairs_are_never_drawn_unless_a_row_would_have_no_negative():
+    import torch as _t
+
+    from openblip.losses import sample_hard_negatives as _sample
+
+    sims = _t.zeros(4, 4)
+    extra = _t.zeros(4, 4, dtype=_t.bool)
+    extra[0, 1] = extra[1, 0] = True  # rows 0 and 1 share a caption
+    extra[2, :] = True  # row 2: would leave no negative -> falls back to the diagonal rule
+    gen = _t.Generator().manual_seed(0)
+    for _ in range(200):
+        neg_img, neg_txt = _sample(sims, sims, generator=gen, also_positive=extra)
+        assert neg_img[0] not in (0, 1) and neg_img[1] not in (0, 1)
+        assert neg_txt[0] not in (0, 1) and neg_txt[1] not in (0, 1)
+        assert neg_img[2] != 2 and neg_img[3] != 3

@@ -62,6 +62,7 @@ def sample_hard_negatives(
     idx_all: Tensor | None = None,
     eps: float = 1e-4,
     generator: torch.Generator | None = None,
+    also_positive: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Draw one hard negative per text and per image; a positive is never returned.
 
@@ -98,6 +99,9 @@ def sample_hard_negatives(
     if num_candidates < 2:
         raise ValueError(f"hard-negative mining needs at least 2 candidates, got {num_candidates}")
     positive = _positive_mask(batch_size, num_candidates, idx, idx_all, sim_i2t.device)
+    if also_positive is not None:
+        wider = positive | also_positive.to(positive.device)
+        positive = torch.where(wider.all(dim=1, keepdim=True), positive, wider)
     if bool(positive.all(dim=1).any()):
         raise ValueError("some entry has no negative candidate: every candidate shares its id")
 

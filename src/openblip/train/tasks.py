@@ -83,7 +83,11 @@ class _ContrastiveTask(Task):
     def _itm(self, image_embeds, ids, mask, sim_i2t, sim_t2i, idx, generator):
         b = ids.shape[0]
         eps = 0.0 if idx is not None else 1e-4  # retrieval used plain softmax, pre-training +1e-4
-        neg_img, neg_txt = sample_hard_negatives(sim_i2t, sim_t2i, idx=idx, eps=eps, generator=generator)
+        # A pair whose caption is word for word the row's own is not a negative (the original
+        # only excluded the same index, quirk L.14: duplicate web captions became "negatives").
+        same_text = ((ids[:, None, :] == ids[None, :, :]) | (mask[:, None, :] == 0)).all(-1)
+        neg_img, neg_txt = sample_hard_negatives(sim_i2t, sim_t2i, idx=idx, eps=eps, generator=generator,
+                                                 also_positive=same_text)
         # [pos (B) | text + negative image (B) | negative text + image (B)]
         all_ids = torch.cat([ids, ids, ids[neg_txt]])
         all_mask = torch.cat([mask, mask, mask[neg_txt]])
