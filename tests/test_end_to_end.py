@@ -172,3 +172,11 @@ def test_unloadable_model_is_a_usage_error(tmp_path, photos, capsys):
     code = main(["caption", str(photos / "chelsea.png"), "--model", str(tmp_path / "nowhere")])
     assert code == 2
     assert "cannot load model" in capsys.readouterr().err
+
+
+def test_seeded_sampling_does_not_depend_on_batch_size(photos, models):
+    blip = openblip.load(models / "pretrain")
+    images = [photos / name for name in PHOTOS]
+    one = blip.caption(images, sample=True, seed=3, max_length=10, batch_size=1)
+    all_ = blip.caption(images, sample=True, seed=3, max_length=10, batch_size=5)
+    assert one == all_

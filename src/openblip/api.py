@@ -161,10 +161,12 @@ class Blip:
             top_p=top_p, top_k=top_k, temperature=temperature, repetition_penalty=repetition_penalty,
             length_penalty=length_penalty, num_captions=num_captions,
         )
-        generator = torch.Generator(self.device).manual_seed(seed) if seed is not None else None
         out: list[str] = []
         for part in _batches(len(items), batch_size):
-            out.extend(self.caption_pixels(self.preprocess(items[part]), prompt_ids, gen, generator))
+            # One random stream per image (seed + its position): samples do not depend on batching.
+            generators = None if seed is None else [torch.Generator().manual_seed(seed + i)
+                                                    for i in range(part.start, part.stop)]
+            out.extend(self.caption_pixels(self.preprocess(items[part]), prompt_ids, gen, generators))
         if num_captions > 1:
             out = [out[i : i + num_captions] for i in range(0, len(out), num_captions)]
         return out[0] if single else out
@@ -213,9 +215,12 @@ class Blip:
         pixels: torch.Tensor,
         prompt_ids: list[int],
         gen: GenerationConfig,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
     ) -> list[str]:
-        """Caption a preprocessed batch; returns ``B * num_return_sequences`` strings."""
+        """Caption a preprocessed batch; returns ``B * num_return_sequences`` strings.
+
+        ``generator``: for sampling, one generator, or one CPU generator per image.
+        """
         if self.model.cfg.decoder_cross != "image":
             raise ValueError("this is a VQA model: its decoder reads questions, not images; use answer()")
         image_embeds = self.model.encode_image(pixels)

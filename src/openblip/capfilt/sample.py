@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from ..models.generation import GenerationConfig, _process, _Stepper, _trim, _warp
+from ..models.generation import GenerationConfig
 
 if TYPE_CHECKING:
     from ..api import Blip
@@ -80,50 +80,8 @@ def sample_captions(
     """
     if len(seeds) != pixels.shape[0]:
         raise ValueError(f"{pixels.shape[0]} images but {len(seeds)} seeds")
-    model = captioner.model
-    if model.cfg.decoder_cross != "image":
-        raise ValueError("the captioner must be a captioning model, not a VQA model")
     pixels = pixels.to(captioner.device, captioner.dtype)
-    cross_kv = model.decoder_cross_kv(model.encode_image(pixels))
-    prompt = torch.tensor([prompt_ids], device=captioner.device).expand(pixels.shape[0], -1)
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    step = _Stepper(model.part("text_decoder", "captioning"), cross_kv, None)
-    seqs = _sample(step, prompt, gen, generators)
+    texts = captioner.caption_pixels(pixels, prompt_ids, gen, generators)
     n = gen.num_return_sequences
-    texts = [captioner.tokenizer.decode(s[len(prompt_ids) :], clean_up_tokenization_spaces=True).strip() for s in seqs]
     return [texts[i : i + n] for i in range(0, len(texts), n)]
-
-
-def _sample(
-    step: _Stepper, prompt: torch.Tensor, cfg: GenerationConfig, generators: list[torch.Generator]
-) -> list[list[int]]:
-    """The sampling loop of ``generate`` with one random stream per image (rows grouped by image)."""
-    n = cfg.num_return_sequences
-    logits, seqs = step(prompt), prompt
-    if n > 1:
-        step.expand(n)
-        logits, seqs = logits.repeat_interleave(n, 0), prompt.repeat_interleave(n, 0)
-    finished = torch.zeros(seqs.shape[0], dtype=torch.bool, device=seqs.device)
-    while True:
-        probs = _warp(_process(logits, seqs, cfg), cfg).softmax(dim=-1)  # (B*n, V)
-        # Every image draws n numbers a step, finished or not, so its stream never depends on others.
-        uniform = torch.cat([torch.rand(n, generator=g, dtype=torch.float64) for g in generators])
-        nxt = _inverse_cdf(probs, uniform.to(probs.device))
-        nxt = nxt.masked_fill(finished, cfg.pad_token_id)
-        seqs = torch.cat([seqs, nxt[:, None]], dim=1)
-        finished |= nxt == cfg.eos_token_id
-        if bool(finished.all()) or seqs.shape[1] >= cfg.max_length:
-            break
-        logits = step(nxt[:, None])
-    return [_trim(s, cfg) for s in seqs.tolist()]
-
-
-def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
-    """Token index per row: the first whose cumulative probability reaches ``(1 - u) * total``.
-
-    ``1 - u`` lies in (0, 1], so a token of probability 0 (filtered by top-k/top-p) is never
-    chosen: its cumulative value equals its predecessor's, which is reached first.
-    """
-    cdf = probs.float().cumsum(dim=-1)
-    target = (1.0 - uniform).to(cdf.dtype)[:, None] * cdf[:, -1:]
-    return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=probs.shape[-1] - 1)

@@ -125,14 +125,17 @@ def run_caption(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         raise CliError(str(exc)) from exc
-    generator = torch.Generator(blip.device).manual_seed(args.seed) if args.seed is not None else None
+    done = 0  # images captioned so far: image i samples from its own stream, seeded with seed + i
     with progress(args, len(paths), "caption") as bar:
         for chunk in _chunks(paths, args.batch_size):
             good, images, failed = _load_batch(args, chunk)
             failures += failed
             if images:
                 pixels = torch.stack([blip.transform(im) for im in images]).to(blip.device, blip.dtype)
-                captions = blip.caption_pixels(pixels, prompt_ids, gen, generator)
+                generators = None if args.seed is None else [
+                    torch.Generator().manual_seed(args.seed + done + i) for i in range(len(images))]
+                captions = blip.caption_pixels(pixels, prompt_ids, gen, generators)
+                done += len(images)
                 n = gen.num_return_sequences
                 for i, path in enumerate(good):
                     mine = captions[i * n : (i + 1) * n]

@@ -21,6 +21,7 @@ per beam. Only the small self-attention cache is reordered between steps.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -141,7 +142,7 @@ def generate(
     cfg: GenerationConfig,
     *,
     cross_mask: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
 ) -> list[list[int]]:
     """Decode from ``prompt_ids`` (B, P), which start with [DEC].
 
@@ -149,6 +150,11 @@ def generate(
     images (or VQA questions), ``cross_mask`` (B, N) their padding. Returns
     ``B * num_return_sequences`` token lists (prompt included, ending with
     [SEP] unless cut by ``max_length``), grouped by input.
+
+    Sampling draws from ``generator``; a sequence of B CPU generators gives every
+    input its own random stream, so its samples do not depend on the rest of the
+    batch (each draws its ``num_return_sequences`` numbers a step by inverting the
+    cumulative distribution).
     """
     cfg.validate(prompt_ids.shape[1])
     stepper = _Stepper(decoder, cross_kv, cross_mask)
@@ -158,7 +164,7 @@ def generate(
 
 
 def _greedy_or_sample(
-    step: _Stepper, prompt: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None
+    step: _Stepper, prompt: torch.Tensor, cfg: GenerationConfig, generator
 ) -> list[list[int]]:
     logits = step(prompt)
     n = cfg.num_return_sequences if cfg.do_sample else 1
@@ -170,8 +176,7 @@ def _greedy_or_sample(
     while True:
         scores = _process(logits, seqs, cfg)
         if cfg.do_sample:
-            probs = _warp(scores, cfg).softmax(dim=-1)
-            nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            nxt = _draw(_warp(scores, cfg).softmax(dim=-1), n, generator)
         else:
             nxt = scores.argmax(dim=-1)
         nxt = nxt.masked_fill(finished, cfg.pad_token_id)
@@ -181,6 +186,28 @@ def _greedy_or_sample(
             break
         logits = step(nxt[:, None])
     return [_trim(s, cfg) for s in seqs.tolist()]
+
+
+def _draw(probs: torch.Tensor, n: int, generator) -> torch.Tensor:
+    """One token per row of ``probs`` (rows grouped ``n`` per input)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if len(generator) * n != probs.shape[0]:
+        raise ValueError(f"{len(generator)} generators for {probs.shape[0] // n} inputs")
+    # Every input draws n numbers a step, finished or not, so its stream never depends on others.
+    uniform = torch.cat([torch.rand(n, generator=g, dtype=torch.float64) for g in generator])
+    return _inverse_cdf(probs, uniform.to(probs.device))
+
+
+def _inverse_cdf(probs: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """Token index per row: the first whose cumulative probability reaches ``(1 - u) * total``.
+
+    ``1 - u`` lies in (0, 1], so a token of probability 0 (filtered by top-k/top-p) is never
+    chosen: its cumulative value equals its predecessor's, which is reached first.
+    """
+    cdf = probs.float().cumsum(dim=-1)
+    target = (1.0 - uniform).to(cdf.dtype)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, target).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
 def _trim(seq: list[int], cfg: GenerationConfig) -> list[int]:
