@@ -60,6 +60,8 @@ class _ContrastiveTask(Task):
             model.part(part, "contrastive training")
         self.contrast = MomentumContrast(model, queue_size=queue_size, momentum=momentum, with_idx=with_idx)
         self.alpha, self.alpha_ramp_steps = alpha, alpha_ramp_steps
+        # Padding to the longest caption (not to max_length, as the original) computes the same
+        # losses: padded positions are masked everywhere, and fewer of them cost less.
         self.max_length, self.padding = max_length, padding
 
     def current_alpha(self, step: int) -> float:
@@ -109,7 +111,7 @@ class PretrainTask(_ContrastiveTask):
             model.tie_encoder_decoder()
         super().__init__(model, tokenizer, queue_size=queue_size, momentum=momentum, alpha=alpha,
                          alpha_ramp_steps=alpha_ramp_steps, with_idx=False, max_length=max_length,
-                         padding="max_length")
+                         padding="longest")
         self.label_smoothing = label_smoothing
 
     def forward(self, pixels, captions, *, step: int, idx=None, generator=None) -> dict[str, torch.Tensor]:
@@ -129,7 +131,7 @@ class RetrievalTask(_ContrastiveTask):
                  max_length: int = 35) -> None:
         super().__init__(model, tokenizer, queue_size=queue_size, momentum=momentum, alpha=alpha,
                          alpha_ramp_steps=alpha_ramp_steps, with_idx=True, max_length=max_length,
-                         padding="max_length")
+                         padding="longest")
 
     def forward(self, pixels, captions, *, step: int, idx=None, generator=None) -> dict[str, torch.Tensor]:
         if idx is None:
