@@ -27,9 +27,13 @@ PATTERNS = sorted(((n, re.compile(rf"(?<![\w-]){re.escape(n)}(?![\w-])")) for n 
 
 
 def named_class(caption: str) -> int | None:
-    """Index of the class whose noun the caption contains, or None."""
+    """Index of the class whose noun the caption contains, or None.
+
+    WordPiece decoding spaces hyphens ("t - shirt"); they are joined first.
+    """
+    text = re.sub(r"\s*-\s*", "-", caption.lower())
     for noun, pattern in PATTERNS:
-        if pattern.search(caption.lower()):
+        if pattern.search(text):
             return _NOUNS.index(noun)
     return None
 
@@ -57,7 +61,9 @@ def main() -> None:
             confusion[(label, guess)] += 1
             if len(examples) < 10:
                 examples.append({"label": sample["json"]["class_name"], "caption": caption})
-    result = {"images": len(samples), "accuracy": round(correct / len(samples), 4),
+    per_class = {name: round(confusion[(i, i)] / max(sum(v for (l, _), v in confusion.items() if l == i), 1), 3)
+                 for i, name in enumerate(_NOUNS)}
+    result = {"images": len(samples), "accuracy": round(correct / len(samples), 4), "per_class": per_class,
               "no_class_named": round(unnamed / len(samples), 4), "chance": 0.1, "examples": examples}
     print(json.dumps(result, indent=2))
 
