@@ -16,8 +16,9 @@ def _train_args(p: argparse.ArgumentParser, *, default_config: str) -> None:
     p.add_argument("--config", default=default_config,
                    help=f"training preset name or JSON file (default: {default_config}); flags below override it")
     p.add_argument("--train-data", required=True,
-                   help="WebDataset shards, brace-expanded, e.g. 'shards/train-{00000..00003}.tar'; "
-                        "several sources joined by '::'")
+                   help="WebDataset shards, brace-expanded, e.g. 'shards/train-{00000..00003}.tar', a BLIP JSON "
+                        "annotation list [{'image', 'caption'}], or a folder of images with a JSONL/CSV of "
+                        "captions (converted to shards in OUTPUT/data once); several sources joined by '::'")
     p.add_argument("--train-data-weights", default=None, help="sampling weights of the sources, e.g. '3::1'")
     p.add_argument("--output", required=True, help="run folder: checkpoints, logs, and the model itself")
     p.add_argument("--resume", action="store_true", help="continue the run in --output from its last checkpoint")

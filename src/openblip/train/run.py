@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..config import preset
+from ..data.convert import annotations_to_shards, is_annotation_source
 from ..data.stream import WebImageTextDataset, make_loader
 from ..models.blip import BlipModel
 from ..models.med import Attention
@@ -100,6 +101,22 @@ def build_task(cfg: TrainConfig, model: BlipModel, tokenizer: BlipTokenizer, epo
                        label_smoothing=cfg.label_smoothing)
 
 
+def resolve_train_data(train_data: str, run_dir: Path, info: dist.DistInfo) -> str:
+    """Shards as given; a JSON annotation list or an image folder with a JSONL/CSV is
+    converted once into ``RUN_DIR/data/`` (by rank 0) and its shards are used."""
+    sources = train_data.split("::")
+    resolved = []
+    for i, source in enumerate(sources):
+        if is_annotation_source(source):
+            target = run_dir / "data" / f"source-{i}"
+            if info.is_main:
+                annotations_to_shards(source, target)
+            dist.barrier()
+            source = annotations_to_shards(source, target)  # reads the finished conversion
+        resolved.append(source)
+    return "::".join(resolved)
+
+
 def build_dataset(cfg: TrainConfig, train_data: str, image_size: int, info: dist.DistInfo) -> WebImageTextDataset:
     transform = train_transform(image_size, min_scale=cfg.min_scale, randaugment=cfg.randaugment)
     return WebImageTextDataset(
@@ -138,6 +155,7 @@ def train(cfg: TrainConfig, train_data: str, output: str | Path, *, resume: bool
     epoch_steps = steps_per_epoch(cfg)
     cfg = cfg.replace(**{"schedule.steps_per_epoch": epoch_steps})
     task = build_task(cfg, model, tokenizer, epoch_steps).to(info.device)
+    train_data = resolve_train_data(train_data, output, info)
     dataset = build_dataset(cfg, train_data, model.cfg.vision.image_size, info)
     trainer = Trainer(task, dataset, lambda ds: make_loader(ds, num_workers=cfg.num_workers), cfg, output, info,
                       progress=progress)
