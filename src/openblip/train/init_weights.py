@@ -122,7 +122,7 @@ def load_vit(model: BlipModel, path: str | Path) -> list[str]:
     own = model.visual_encoder.state_dict()
     if "pos_embed" in sd:
         pos = sd["pos_embed"]
-        if pos.shape[1] == own["pos_embed"].shape[1] + 1 and "dist_token" in sd:
+        if "dist_token" in sd:
             pos = torch.cat([pos[:, :1], pos[:, 2:]], dim=1)  # drop DeiT's distillation slot
         sd["pos_embed"] = resize_pos_embed(pos, own["pos_embed"].shape[1] - 1)
     loaded = []
