@@ -39,6 +39,8 @@ def _train_args(p: argparse.ArgumentParser, *, default_config: str) -> None:
     p.add_argument("--num-workers", type=int, default=None, help="data loading processes")
     p.add_argument("--save-every", type=int, default=None)
     p.add_argument("--log-every", type=int, default=None)
+    p.add_argument("--tensorboard", action="store_true", default=None,
+                   help="also write TensorBoard scalars to OUTPUT/tensorboard (needs the tensorboard package)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other setting, e.g. --set alpha=0.3 --set schedule.min_lr=1e-6")
     p.add_argument("--no-progress", action="store_true")
@@ -77,6 +79,7 @@ def _config(args: argparse.Namespace):
             "grad_clip": args.grad_clip, "image_size": args.image_size, "samples_per_epoch": args.samples_per_epoch,
             "queue_size": args.queue_size, "num_workers": args.num_workers, "save_every": args.save_every,
             "log_every": args.log_every, "train_data_weights": args.train_data_weights,
+            "tensorboard": args.tensorboard,
             "schedule.init_lr": args.lr, "schedule.warmup_steps": args.warmup_steps,
             "model": getattr(args, "model", None), "init_text": getattr(args, "init_text", None),
             "init_vision": getattr(args, "init_vision", None), "prompt": getattr(args, "prompt", None),

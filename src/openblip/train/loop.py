@@ -94,6 +94,7 @@ class Trainer:
         self.data = DataState()
         self.skipped: Counter = Counter()
         self.module = task
+        self.tb = self._tensorboard() if cfg.tensorboard and self.info.is_main else None
         if self.info.distributed:
             ids = [self.info.device.index] if self.info.device.type == "cuda" else None
             # Queues are identical on every rank by construction; no need to re-send them each step.
@@ -217,8 +218,20 @@ class Trainer:
         return tqdm(total=self.cfg.max_steps, initial=self.step, desc=self.cfg.task, unit="step", file=sys.stderr,
                     dynamic_ncols=True)
 
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as exc:
+            raise ValueError("--tensorboard needs the tensorboard package: pip install tensorboard") from exc
+        return SummaryWriter(str(self.run_dir / "tensorboard"))
+
     def _log_line(self, record: dict[str, Any]) -> None:
         if not self.info.is_main:
             return
+        if self.tb is not None and "step" in record:
+            for key, value in record.items():
+                if isinstance(value, float):
+                    self.tb.add_scalar(f"train/{key}", value, record["step"])
+            self.tb.flush()
         with open(self.run_dir / "log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
