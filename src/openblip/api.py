@@ -302,33 +302,30 @@ class Blip:
             raise ValueError(f"got {len(items)} images but {len(qs)} questions; give one question per image")
         if clean_question:
             qs = [pre_question(q) for q in qs]
+        if self.model.cfg.decoder_cross != "question":
+            raise ValueError("answer() needs a VQA model (e.g. Salesforce/blip-vqa-base or model_base_vqa_capfilt_large.pth)")
         if answers is not None and len(answers) == 0:
             raise ValueError("the candidate answer list is empty")
+        # The candidates (or the decoding settings) are the same for every batch: prepare them once.
+        ranked = self._text(list(answers), "dec", max_length=None) if answers is not None else None
+        gen = GenerationConfig(max_length=max_length, min_length=min_length, num_beams=num_beams,
+                               eos_token_id=self.tokenizer.sep_token_id, pad_token_id=self.tokenizer.pad_token_id)
         out: list[str] = []
         for part in _batches(len(items), batch_size):
-            out.extend(self._answer_batch(items[part], qs[part], answers, k, num_beams, max_length, min_length, first_token))
+            best = self._answer_batch(items[part], qs[part], self._grounded_token(first_token), ranked, k, gen)
+            out.extend([answers[i] for i in best] if ranked is not None else best)
         return out[0] if single else out
 
-    def _answer_batch(self, items, qs, answers, k, num_beams, max_length, min_length, first_token) -> list[str]:
+    def _answer_batch(self, items, questions, first_token, ranked, k, gen) -> list:
+        """Indices into the candidates (with ``ranked`` answer ids) or generated answers."""
         model = self.model
-        if model.cfg.decoder_cross != "question":
-            raise ValueError("answer() needs a VQA model (e.g. Salesforce/blip-vqa-base or model_base_vqa_capfilt_large.pth)")
         image_embeds = model.encode_image(self.preprocess(items))
-        q_ids, q_mask = self._text(qs, self._grounded_token(first_token))
+        q_ids, q_mask = self._text(questions, first_token)
         states = model.encode_grounded(q_ids, q_mask, image_embeds=image_embeds)  # (B,Lq,D)
         cross_kv = model.decoder_cross_kv(states)
         decoder = model.part("text_decoder", "VQA")
-        if answers is not None:
-            a_ids, a_mask = self._text(list(answers), "dec", max_length=None)
-            best = rank_answers(decoder, cross_kv, q_mask, a_ids, a_mask, k=k)
-            return [answers[i] for i in best.tolist()]
-        gen = GenerationConfig(
-            max_length=max_length,
-            min_length=min_length,
-            num_beams=num_beams,
-            eos_token_id=self.tokenizer.sep_token_id,
-            pad_token_id=self.tokenizer.pad_token_id,
-        )
+        if ranked is not None:
+            return rank_answers(decoder, cross_kv, q_mask, *ranked, k=k).tolist()
         start = torch.full((len(items), 1), self.tokenizer.dec_token_id, device=self.device)
         seqs = generate(decoder, cross_kv, start, gen, cross_mask=q_mask)
         return [self.tokenizer.decode(s[1:], clean_up_tokenization_spaces=True).strip() for s in seqs]
