@@ -34,8 +34,8 @@ one at a time; batch-8 cells caption all 8 at once. openblip bf16 is timed
 fewer times (default once per cell): on CPUs without native bf16 matmul
 (AVX2 only, no AVX512-BF16/AMX) bf16 GEMMs are several times slower than fp32.
 
-A full run takes about 30 minutes on a busy 2-core machine (bf16 at batch 8
-alone about 8); ``--quick`` about 10.
+A full run takes about 9 minutes on an idle 2-core machine (about 30 when
+other jobs share it); ``--quick`` about 4.
 """
 
 from __future__ import annotations
@@ -229,8 +229,8 @@ def machine_info() -> dict[str, str]:
 def run_cell(sides: dict, warmups: dict, repeats: dict[str, int]):
     """Warm up each side once (a short call on the cell's first batch), then time interleaved rounds.
 
-    Side ``name`` is timed ``repeats[name]`` times; outputs of the first timed run are kept and
-    later runs are checked against them.
+    Side ``name`` is timed ``repeats[name]`` times, as (wall, process CPU) seconds; outputs of the
+    first timed run are kept and later runs are checked against them.
     """
     for name, fn in warmups.items():
         t0 = time.perf_counter()
@@ -243,14 +243,15 @@ def run_cell(sides: dict, warmups: dict, repeats: dict[str, int]):
         for name in order:
             if r >= repeats[name]:
                 continue
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             out = sides[name]()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append((time.perf_counter() - t0, time.process_time() - c0))
             if name in outputs:
                 stable[name] &= out == outputs[name]
             else:
                 outputs[name] = out
-        log("  round %d: %s" % (r + 1, ", ".join(f"{n} {times[n][-1]:.1f} s" for n in names if len(times[n]) > r)))
+        log("  round %d: %s" % (r + 1, ", ".join(f"{n} {times[n][-1][0]:.1f} s (CPU {times[n][-1][1]:.1f} s)"
+                                              for n in names if len(times[n]) > r)))
     return times, outputs, stable
 
 
@@ -353,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         log(f"wrote {args.out}")
         return 0
 
-    rows, notes, lengths, raw = [], [], {}, []
+    rows, notes, lengths, raw, all_times = [], [], {}, [], []
     with torch.inference_mode():
         for label, beams, min_len in DECODINGS:
             for bs in BATCHES:
@@ -373,9 +374,10 @@ def main(argv: list[str] | None = None) -> int:
                     reps[f"openblip {dt}"] = repeats if dt == "fp32" else args.bf16_repeats
                 log(f"cell {label}, batch {bs} ({n} images); load average {loadavg()}")
                 times, outs, stable = run_cell(sides, warmups, reps)
-                med = {k: statistics.median(v) for k, v in times.items()}
+                med = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
                 raw.append(f"{label}, batch {bs} ({n} images): " + "; ".join(
-                    f"{k} " + ", ".join(f"{t:.1f}" for t in v) for k, v in times.items()))
+                    f"{k} " + ", ".join(f"{w:.1f} ({c:.1f})" for w, c in v) for k, v in times.items()))
+                all_times.extend(times.values())
                 hf_ids = [hf_caption_ids(r) for r in outs["transformers"]]
                 lengths[(label, bs)] = [len(r) for r in hf_ids]
                 hf_txt = [tokenizer.decode(r, clean_up_tokenization_spaces=True).strip() for r in hf_ids]
@@ -442,14 +444,20 @@ def main(argv: list[str] | None = None) -> int:
         "- Outputs identical: transformers ids (leading [DEC] dropped, cut at the first [SEP]) decoded with openblip's "
         "tokenizer (`clean_up_tokenization_spaces=True`) equal openblip fp32's captions, image by image. "
         "bf16 captions = fp32: openblip bf16 vs openblip fp32 captions.",
-        "- The machine was shared with other jobs during the run (see load averages): absolute numbers are noisy; "
-        "the interleaving keeps the ratios fairer than the absolute values.",
     ]
     dist = Counter(x for v in lengths.values() for x in v)
     md.append("- Caption lengths (tokens without [DEC]/[SEP], transformers outputs): "
               + "; ".join(f"{k[0]} b{k[1]}: {v}" for k, v in lengths.items())
               + f"; overall {dict(sorted(dist.items()))}.")
-    md += ["", "Seconds per timed run, in round order:", ""] + [f"- {r}" for r in raw]
+    wall = sum(w for v in all_times for w, _ in v)
+    cpu_s = sum(c for v in all_times for _, c in v)
+    busy = cpu_s / wall < 0.9 * torch.get_num_threads()
+    md += ["", f"Process CPU time / wall time over all timed runs: {cpu_s / wall:.2f} (about "
+           f"{torch.get_num_threads()} when the benchmark has the cores to itself; lower means other jobs took CPU)."
+           + (" Other jobs shared the machine during this run: absolute numbers are low and noisy (on a busy machine "
+              "they dropped up to 4x); the interleaving keeps ratios fairer than absolute values."
+              if busy else " The benchmark had the cores essentially to itself.")]
+    md += ["", "Wall seconds (process CPU seconds) per timed run, in round order:", ""] + [f"- {r}" for r in raw]
     if notes:
         md += ["", "Differences:", ""] + [f"- {n}" for n in notes]
     else:
