@@ -294,3 +294,15 @@ def test_caption_lines_and_plain_transforms_are_deterministic(tmp_path):
     again = _collect(_dataset(str(tmp_path / "m-00000.tar"), transform=plain))
     assert _same(_flat(first), _flat(again))
     assert {t for b in first for t in b["text"]} == {"first caption", "second caption"}
+
+
+def test_group_key_names_positive_groups_from_the_json(tmp_path):
+    # Samples of one shard share json["shard"]; a sample without the field is its own group.
+    samples = [_sample(0, i) for i in range(3)] + [_sample(1, i) for i in range(2)] + [_sample(2, 0, json=None)]
+    write_shard(tmp_path / "g-00000.tar", samples)
+    batches = _collect(_dataset(str(tmp_path / "g-00000.tar"), group_key="shard", shuffle=False))
+    groups = dict(zip((k for b in batches for k in b["key"]), (g for b in batches for g in b["group"])))
+    assert groups == {"000000000": "shard=0", "000000001": "shard=0", "000000002": "shard=0",
+                      "000010000": "shard=1", "000010001": "shard=1", "000020000": "000020000"}
+    plain = _collect(_dataset(str(tmp_path / "g-00000.tar"), shuffle=False))
+    assert [g for b in plain for g in b["group"]] == [k for b in plain for k in b["key"]]

@@ -62,6 +62,7 @@ class _Record:
     image: bytes | MemberRef
     captions: tuple[str, ...]
     source: int
+    group: str  # the positives group: json[group_key] when set, else the key
 
 
 def split_captions(sample: dict[str, Any], max_words: int) -> list[str]:
@@ -121,9 +122,12 @@ class WebImageTextDataset(IterableDataset):
             False shrinks the batch instead. A batch whose images all fail is yielded
             with zero samples.
         max_pixels: decompression-bomb limit passed to `load_image`.
+        group_key: a field of the sample's json naming its positives group (``image_id``
+            when one image is stored as several samples, a class label when captions
+            describe a class); samples without the field form a group of their own key.
 
     Each batch is a dict: ``image`` (B, 3, S, S) float tensor, ``text`` list of str,
-    ``key`` list of str, ``source`` (B,) long tensor, ``position`` (first position of the
+    ``key`` list of str, ``group`` list of str (see `group_key`), ``source`` (B,) long tensor, ``position`` (first position of the
     batch), ``next_position`` (position to resume from after it), ``skipped`` dict.
     """
 
@@ -147,6 +151,7 @@ class WebImageTextDataset(IterableDataset):
         drop_last: bool = False,
         fill_bad: bool = True,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        group_key: str | None = None,
     ) -> None:
         super().__init__()
         self.sources = expand_urls(urls)
@@ -168,6 +173,7 @@ class WebImageTextDataset(IterableDataset):
         self.resampled, self.samples_per_epoch = resampled, samples_per_epoch
         self.drop_last, self.fill_bad, self.max_pixels = drop_last, fill_bad, max_pixels
         self.epoch, self.start = epoch, start
+        self.group_key = group_key
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         """Select the epoch and the rank-stream position to start from (before ``iter``).
@@ -227,7 +233,11 @@ class WebImageTextDataset(IterableDataset):
         if not captions:
             stats["no_caption"] += 1
             return None
-        return _Record(sample["__key__"], sample["__shard__"], image, tuple(captions), source)
+        key = sample["__key__"]
+        meta = sample.get("json")
+        group = meta.get(self.group_key) if self.group_key and isinstance(meta, dict) else None
+        group = key if group is None else f"{self.group_key}={group}"
+        return _Record(key, sample["__shard__"], image, tuple(captions), source, group)
 
     def _shuffled(self, records: Iterator[_Record], source: int) -> Iterator[_Record]:
         if not self.shuffle or self.shuffle_buffer <= 1:
@@ -309,6 +319,7 @@ class WebImageTextDataset(IterableDataset):
             "image": torch.stack(images) if images else torch.empty(0),
             "text": [decoded[i][1] for i in slots],
             "key": [chunk[i].key for i in slots],
+            "group": [chunk[i].group for i in slots],
             "source": torch.tensor([chunk[i].source for i in slots], dtype=torch.long),
             "position": position,
             "next_position": position + len(chunk),

@@ -66,7 +66,7 @@ def _batches(dataset, make_loader: Callable, data: DataState, skipped: Counter) 
 
 
 def stable_idx(keys: list[str]) -> torch.Tensor:
-    """Image ids from sample keys, identical on every rank and run (for multi-positive ITC)."""
+    """Image ids from sample keys or groups, identical on every rank and run (multi-positive ITC)."""
     return torch.tensor([zlib.crc32(k.encode()) for k in keys], dtype=torch.long)
 
 
@@ -199,7 +199,7 @@ class Trainer:
     def _forward(self, batch: dict[str, Any], micro: int) -> dict[str, torch.Tensor]:
         device = self.info.device
         pixels = batch["image"].to(device, non_blocking=True)
-        idx = stable_idx(batch["key"]) if self.cfg.task == "retrieval" else None
+        idx = stable_idx(batch.get("group", batch["key"])) if self.cfg.task == "retrieval" else None
         # Hard negatives drawn from a generator seeded by (seed, step, rank): exact on resume.
         gen = torch.Generator(device=device)
         gen.manual_seed(hash((self.cfg.seed, self.step, micro, self.info.rank)) & 0x7FFFFFFF)

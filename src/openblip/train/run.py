@@ -129,6 +129,7 @@ def build_dataset(cfg: TrainConfig, train_data: str, image_size: int, info: dist
         max_words=cfg.max_words,
         samples_per_epoch=cfg.samples_per_epoch,
         weights=cfg.train_data_weights,
+        group_key=cfg.positive_key,
         # Every rank must contribute equal batches to the feature all-gather.
         drop_last=info.distributed,
     )
