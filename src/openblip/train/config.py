@@ -20,6 +20,8 @@ class TrainConfig:
 
     task: str = "pretrain"  # pretrain | caption | retrieval
     model: str = "tiny"  # model preset name, or a checkpoint to start from
+    # Changes to a model preset (``model`` names one): {"vision": {"patch_size": 8}, "embed_dim": 64}.
+    model_config: dict[str, Any] | None = None
     init_text: str | None = None  # BERT checkpoint (HF format) for the text side
     init_vision: str | None = None  # timm/DeiT ViT weights for the image side
     image_size: int | None = None  # training resolution (default: the model's)
@@ -90,6 +92,13 @@ class TrainConfig:
                 continue
             if key.startswith("schedule."):
                 data["schedule"][key.split(".", 1)[1]] = value
+            elif key.startswith("model_config."):
+                # model_config.vision.patch_size=8 -> {"vision": {"patch_size": 8}}
+                node = data["model_config"] = dict(data.get("model_config") or {})
+                *parents, leaf = key.split(".")[1:]
+                for part in parents:
+                    node[part] = node = dict(node.get(part) or {})
+                node[leaf] = value
             else:
                 data[key] = value
         return TrainConfig.from_dict(data)

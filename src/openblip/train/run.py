@@ -48,11 +48,11 @@ def build_model(cfg: TrainConfig) -> tuple[BlipModel, BlipTokenizer]:
     from ..config import list_presets
 
     if cfg.model in list_presets():
-        overrides = dict(TASK_PARTS[cfg.task])
+        overrides = {**(cfg.model_config or {}), **TASK_PARTS[cfg.task]}
         if cfg.init_text:
             overrides["text"] = text_config_from_bert(cfg.init_text).__dict__
         if cfg.image_size:
-            overrides["vision"] = {"image_size": cfg.image_size}
+            overrides["vision"] = {**overrides.get("vision", {}), "image_size": cfg.image_size}
         model = BlipModel(preset(cfg.model, **overrides))
         if cfg.init_text:
             load_bert(model, cfg.init_text)
@@ -60,6 +60,8 @@ def build_model(cfg: TrainConfig) -> tuple[BlipModel, BlipTokenizer]:
             load_vit(model, cfg.init_vision)
         tokenizer = BlipTokenizer.default()
     else:
+        if cfg.model_config:
+            raise ValueError(f"model_config changes a model preset; {cfg.model!r} is a checkpoint")
         from ..checkpoints import load_model
 
         model, tokenizer = load_model(cfg.model, task=cfg.task, image_size=cfg.image_size)
