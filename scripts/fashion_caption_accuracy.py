@@ -6,6 +6,11 @@
 A caption names a class when it contains that class's noun ("ankle boot",
 "t-shirt", "pair of trousers"...); longer nouns are matched first so that
 "t-shirt" is not read as "shirt". A caption naming no class counts as wrong.
+
+    python scripts/fashion_caption_accuracy.py --predictions runs/x/evaluate/noisy-captions.json
+
+scores captions already written by `openblip bootstrap`'s evaluation (the class of an image is
+the one its reference captions name).
 """
 
 from __future__ import annotations
@@ -38,14 +43,34 @@ def named_class(caption: str) -> int | None:
     return None
 
 
+def score_predictions(path: str) -> dict:
+    """Caption accuracy of a predictions file; the label is the class the references name."""
+    rows = json.loads(open(path, encoding="utf-8").read())
+    labelled = [(named_class(r["caption"]), named_class(r["references"][0])) for r in rows]
+    labelled = [(guess, label) for guess, label in labelled if label is not None]
+    correct = sum(guess == label for guess, label in labelled)
+    per_class = {}
+    for i, name in enumerate(_NOUNS):
+        guesses = [guess for guess, label in labelled if label == i]
+        per_class[name] = round(sum(g == i for g in guesses) / max(len(guesses), 1), 3)
+    return {"images": len(labelled), "accuracy": round(correct / max(len(labelled), 1), 4), "per_class": per_class,
+            "no_class_named": round(sum(g is None for g, _ in labelled) / max(len(labelled), 1), 4)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True)
+    ap.add_argument("--model")
+    ap.add_argument("--data")
+    ap.add_argument("--predictions", help="a JSON list of {caption, references} instead of --model/--data")
     ap.add_argument("--limit", type=int, default=2000)
     ap.add_argument("--num-beams", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args()
+    if args.predictions:
+        print(json.dumps(score_predictions(args.predictions), indent=2))
+        return
+    if not (args.model and args.data):
+        ap.error("give --model and --data, or --predictions")
     blip = openblip.load(args.model)
     samples = (s for paths in expand_urls(args.data) for p in paths for s in iter_samples(p))
     samples = list(itertools.islice(samples, args.limit))
