@@ -184,3 +184,11 @@ def test_bootstrap_resumes_a_killed_stage_and_refuses_changed_settings(tmp_path,
     assert cli_main([*args, "--set", "pretrain.max_steps=4"]) == 2
     err = capsys.readouterr().err
     assert "pretrain was started with other settings (train changed)" in err
+    # Settings recorded before a training field existed still match when it keeps its default.
+    marker = out / "pretrain" / MARKER
+    record = json.loads(marker.read_text())
+    del record["settings"]["own"]["train"]["positive_key"]
+    marker.write_text(json.dumps(record))
+    capsys.readouterr()
+    assert cli_main([*args, "--until", "filter"]) == 0
+    assert "pretrain: complete, skipped" in capsys.readouterr().err

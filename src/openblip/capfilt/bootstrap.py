@@ -277,11 +277,23 @@ def _write_json(path: Path, data: Any) -> None:
         file.write((json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
+def _fill_new_defaults(settings: Any) -> Any:
+    """Recorded settings with training fields added since they were written, at their defaults
+    (a run started by an earlier version continues when nothing it used has changed)."""
+    if isinstance(settings, dict):
+        settings = {k: _fill_new_defaults(v) for k, v in settings.items()}
+        if isinstance(settings.get("train"), dict):
+            defaults = json.loads(json.dumps(TrainConfig().to_dict()))
+            settings["train"] = {**{k: v for k, v in defaults.items() if k not in settings["train"]},
+                                 **settings["train"]}
+    return settings
+
+
 def _check_settings(run: _Run, stage: str, expected: dict[str, Any]) -> None:
     path = run.dir(stage) / (MARKER if stage_status(run.output, stage) == "done" else SETTINGS)
     if not path.is_file():
         return
-    found = json.loads(path.read_text(encoding="utf-8"))["settings"]
+    found = _fill_new_defaults(json.loads(path.read_text(encoding="utf-8"))["settings"])
     if found != expected:
         changed = sorted(k for k in set(found["own"]) | set(expected["own"])
                          if found["own"].get(k) != expected["own"].get(k)) or ["an earlier stage"]
