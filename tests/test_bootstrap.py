@@ -109,6 +109,17 @@ def test_precision_recall_script_on_a_hand_made_manifest(tmp_path):
     (folder / "web-00000.decisions.jsonl").write_text((tmp_path / "manifest.jsonl").read_text())
     out = run_script("capfilt_precision_recall.py", str(folder), "--flags", str(tmp_path / "web-00000.tar"))
     assert json.loads("\n".join(out.strip().splitlines()[:-1]))["tp"] == 3
+    # Re-deciding at other thresholds from the recorded scores: swapped k0-k3 score 0.1-0.4, clean 0.35-0.85.
+    scores = {f"k{i}": 0.1 * (i + 1) if i < 4 else 0.1 * i - 0.05 for i in range(10)}
+    (tmp_path / "manifest.jsonl").write_text("".join(
+        json.dumps({**r, "itm": scores[r["key"]], "itc": -scores[r["key"]]}) + "\n" for r in rows))
+    lines = run_script("capfilt_precision_recall.py", str(tmp_path / "manifest.jsonl"),
+                       "--thresholds", "0.3,0.5").strip().splitlines()
+    # itm: clean 0.35 < swapped 0.4 is the one inverted pair of 24; itc is the reverse order
+    assert json.loads(lines[-3]) == {"auc": {"itm": round(23 / 24, 4), "itc": round(1 / 24, 4)}}
+    # at 0.3: k0-k1 removed (tp 2), none clean; at 0.5: k0-k3 and k4 (0.35), k5 (0.45) removed
+    assert lines[-2].startswith("| 0.3 | 40.0% | 1.000 | 0.500 |")
+    assert lines[-1].startswith("| 0.5 | 40.0% | 0.667 | 1.000 |")
 
 
 def test_make_noisy_split_script(tmp_path):
