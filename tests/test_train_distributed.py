@@ -43,6 +43,7 @@ def _worker(rank: int, world: int, port: int, out: str, shards: str) -> None:
         losses = task(_pixels()[part], CAPTIONS[part], step=0, generator=torch.Generator().manual_seed(rank))
     result = {k: float(v) for k, v in losses.items()}
     result["queue"] = task.contrast.queue.image_queue.clone()
+    result["all_ranks"] = (dist.all_ranks(rank == 0), dist.all_ranks(True))
     # And a real DDP training run over shards split between the ranks.
     from openblip.train.config import load_train_config
     from openblip.train.run import train
@@ -90,8 +91,10 @@ def test_every_rank_holds_the_same_queue_as_one_process(two_ranks):
 
 
 def test_ddp_training_run_writes_one_checkpoint_with_every_ranks_position(two_ranks):
-    out, _ = two_ranks
+    out, ranks = two_ranks
     state = torch.load(out / "run/checkpoints/step-00000002/training_state.pt", weights_only=True)
     assert state["world_size"] == 2 and state["step"] == 2
     assert [r["data"]["position"] for r in state["ranks"]] == [8, 8]
+    # Ranks agree on "every rank has a batch" (the step-skipping rule for unreadable batches).
+    assert [r["all_ranks"] for r in ranks] == [(False, True), (False, True)]
     assert (out / "run/model.safetensors").is_file()

@@ -1,5 +1,6 @@
 """The training objectives wired to the model: sharing, momentum, masking, multi-positives."""
 
+import pytest
 import torch
 
 from openblip import BlipModel, preset
@@ -119,3 +120,38 @@ def test_lm_loss_on_scored_positions_equals_the_full_lm_loss():
     fast = task.lm_loss(ids, mask, image, labels, 0.1)
     logits, _ = task.model.decode(ids, mask, states=image)
     assert torch.allclose(fast, lm_loss(logits, labels, label_smoothing=0.1), atol=1e-5)
+
+
+def _fake_batches(sizes):
+    return [{"text": ["t"] * n, "next_position": 4 * (i + 1), "skipped": {"bad_image": 4 - n}}
+            for i, n in enumerate(sizes)]
+
+
+class _FakeData:
+    def set_epoch(self, epoch, start):
+        self.epoch, self.start = epoch, start
+
+
+def test_batches_are_skipped_together_when_another_rank_has_none():
+    from collections import Counter
+
+    from openblip.train.loop import DataState, _batches
+
+    # This rank: 4, 4, 0, 4 samples; the other rank: its 2nd batch is empty.
+    other_rank_ok = iter([True, False, True, True])
+    state, skipped = DataState(), Counter()
+    stream = _batches(_FakeData(), lambda d: _fake_batches([4, 4, 0, 4]), state, skipped,
+                      lambda ok: ok and next(other_rank_ok))
+    got = [next(stream)["next_position"] for _ in range(2)]
+    assert got == [4, 16]  # batch 2 skipped for the other rank, batch 3 for this one
+    assert skipped["other_rank_batch_unreadable"] == 4 and skipped["bad_image"] == 4
+
+
+def test_a_pass_without_any_readable_sample_is_an_error_not_a_loop():
+    from collections import Counter
+
+    from openblip.train.loop import DataState, _batches
+
+    stream = _batches(_FakeData(), lambda d: _fake_batches([0, 0]), DataState(), Counter())
+    with pytest.raises(RuntimeError, match="no readable sample"):
+        next(stream)

@@ -199,6 +199,15 @@ def all_reduce_mean(tensor: Tensor) -> Tensor:
     return out / get_world_size()
 
 
+def all_ranks(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """True when ``flag`` is true on every rank (one tiny all-reduce; no collective alone)."""
+    if get_world_size() == 1:
+        return flag
+    value = torch.tensor([1 if flag else 0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def barrier() -> None:
     """Wait for every rank; a no-op in a single process."""
     if is_dist_initialized():

@@ -43,11 +43,17 @@ class DataState:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-def _batches(dataset, make_loader: Callable, data: DataState, skipped: Counter) -> Iterator[dict[str, Any]]:
-    """Endless batches, epoch after epoch, resuming at ``data``; empty batches are skipped."""
+def _batches(dataset, make_loader: Callable, data: DataState, skipped: Counter,
+             everyone: Callable[[bool], bool] = bool) -> Iterator[dict[str, Any]]:
+    """Endless batches, epoch after epoch, resuming at ``data``; empty batches are skipped.
+
+    ``everyone(flag)`` tells whether every rank has a non-empty batch: a batch whose images all
+    failed on one rank is skipped by all ranks together, so their collectives stay in step.
+    """
     while True:
         dataset.set_epoch(data.epoch, data.position)
-        produced = False
+        produced = yielded = False
+        whole_pass = data.position == 0
         # Creating a loader iterator draws its base seed from the global torch RNG; keep that
         # draw out of the stream that dropout uses, or resuming would shift every mask after it.
         saved = torch.get_rng_state()
@@ -57,11 +63,17 @@ def _batches(dataset, make_loader: Callable, data: DataState, skipped: Counter) 
             produced = True
             data.position = batch["next_position"]
             skipped.update(batch.get("skipped", {}))
-            if len(batch["text"]) == 0:
+            if not everyone(len(batch["text"]) > 0):
+                # Counted with the other skips; this rank's samples come back next epoch.
+                skipped["other_rank_batch_unreadable"] += len(batch["text"])
                 continue
+            yielded = True
             yield batch
         if not produced and data.position == 0:
             raise RuntimeError("the training data produced no batch: check --train-data")
+        if produced and not yielded and whole_pass:
+            # A whole pass without one usable batch would otherwise repeat forever.
+            raise RuntimeError(f"a whole pass over the training data gave no readable sample (skipped: {dict(skipped)})")
         data.epoch, data.position = data.epoch + 1, 0
 
 
@@ -159,7 +171,8 @@ class Trainer:
         if self.info.is_main:
             (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
         self.task.train()
-        batches = _batches(self.dataset, self.make_loader, self.data, self.skipped)
+        batches = _batches(self.dataset, self.make_loader, self.data, self.skipped,
+                           lambda ok: dist.all_ranks(ok, self.info.device))
         last: dict[str, float] = {}
         bar = self._bar()
         tick, seen = time.perf_counter(), 0
