@@ -18,6 +18,7 @@ reports the ROC AUC of the ITM and ITC scores for "clean above swapped".
 from __future__ import annotations
 
 import argparse
+import bisect
 import json
 import sys
 from pathlib import Path
@@ -71,10 +72,8 @@ def roc_auc(decisions, flags, score: str) -> float | None:
     swapped = sorted(d[score] for d in decisions if d["source"] == "web" and flags.get(str(d["key"])) is True)
     if not clean or not swapped:
         return None
-    import bisect
-
-    above = sum(bisect.bisect_left(swapped, c) + 0.5 * (bisect.bisect_right(swapped, c) - bisect.bisect_left(swapped, c))
-                for c in clean)
+    # For each clean score: swapped scores below it, plus half of those equal to it.
+    above = sum((bisect.bisect_left(swapped, c) + bisect.bisect_right(swapped, c)) / 2 for c in clean)
     return round(above / (len(clean) * len(swapped)), 4)
 
 

@@ -25,3 +25,14 @@ def test_model_config_is_refused_for_a_checkpoint(tmp_path):
     cfg = load_train_config("tiny").replace(model=str(tmp_path), model_config={"embed_dim": 48})
     with pytest.raises(ValueError, match="model_config changes a model preset"):
         build_model(cfg)
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("model_config.vision.patchsize=8", r"unknown vision config fields: \['patchsize'\]"),
+    ("model_config=5", "model_config must be a JSON object"),
+    ("model_config.embed_dim=-3", r"model sizes must be positive integers, got \{'embed_dim': -3\}"),
+    ("model_config.text=3", "text must be an object of TextConfig fields"),
+])
+def test_bad_model_config_is_a_clear_error(setting, message):
+    with pytest.raises(ValueError, match=message):
+        build_model(load_train_config("tiny").replace(**dict([parse_override(setting)])))

@@ -18,6 +18,15 @@ from typing import Any
 PRESET_PACKAGE = "openblip.presets"
 
 
+def _part(cls, data: dict[str, Any], name: str):
+    """``cls(**data)``, with unknown fields named in a ValueError instead of a TypeError."""
+    unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown {name} config fields: {sorted(unknown)}; known: "
+                         f"{sorted(f.name for f in dataclasses.fields(cls))}")
+    return cls(**data)
+
+
 @dataclass
 class VisionConfig:
     """ViT image encoder (pre-norm, fused qkv with bias, learned absolute positions)."""
@@ -84,9 +93,17 @@ class BlipConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.vision, dict):
-            self.vision = VisionConfig(**self.vision)
+            self.vision = _part(VisionConfig, self.vision, "vision")
         if isinstance(self.text, dict):
-            self.text = TextConfig(**self.text)
+            self.text = _part(TextConfig, self.text, "text")
+        for name, part, cls in (("vision", self.vision, VisionConfig), ("text", self.text, TextConfig)):
+            if not isinstance(part, cls):
+                raise ValueError(f"{name} must be an object of {cls.__name__} fields, got {part!r}")
+        sizes = {"embed_dim": self.embed_dim, **{f"{name}.{key}": getattr(part, key) for name, part in
+                 (("vision", self.vision), ("text", self.text)) for key in ("width", "depth", "heads")}}
+        bad = {key: value for key, value in sizes.items() if not isinstance(value, int) or value < 1}
+        if bad:
+            raise ValueError(f"model sizes must be positive integers, got {bad}")
         if self.decoder_cross not in ("image", "question"):
             raise ValueError(f"decoder_cross must be 'image' or 'question', got {self.decoder_cross!r}")
         if self.grounded_first_token not in ("enc", "cls"):

@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-
-from ..data.shards import IMAGE_EXTENSIONS, atomic_write, expand_urls, iter_samples
+from ..data.shards import IMAGE_EXTENSIONS, expand_urls, iter_samples
 from ..data.stream import split_captions
 from ..train import distributed as dist
 from ..train.config import TrainConfig, load_train_config
-from .compare import check_eval_settings, compare, evaluate_models
+from .compare import EvaluateError, check_eval_settings, compare, evaluate_models
+from .manifest import write_json
 from .noise import NoiseSettings, capfilt_precision_recall, make_noisy_split, read_capfilt_decisions, read_noise_flags
 
 __all__ = ["STAGES", "BootstrapConfig", "BootstrapError", "load_bootstrap_config", "run_bootstrap", "stage_status"]
@@ -142,7 +142,7 @@ class BootstrapConfig:
         if self.evaluate is not None:
             try:
                 check_eval_settings(self.evaluate)
-            except ValueError as exc:
+            except EvaluateError as exc:
                 raise BootstrapError(str(exc)) from exc
 
     def _check_data(self) -> None:
@@ -275,11 +275,6 @@ def stage_status(output: str | Path, stage: str) -> str:
     return "started" if folder.exists() else "pending"
 
 
-def _write_json(path: Path, data: Any) -> None:
-    with atomic_write(path) as file:
-        file.write((json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
 def _fill_new_defaults(settings: Any) -> Any:
     """Recorded settings with training fields added since they were written, at their defaults
     (a run started by an earlier version continues when nothing it used has changed)."""
@@ -349,14 +344,14 @@ def _run_stage(run: _Run, stage: str) -> None:
     settings = fingerprint(stage, run.cfg)
     if run.info.is_main:
         run.dir(stage).mkdir(parents=True, exist_ok=True)
-        _write_json(run.dir(stage) / SETTINGS, {"stage": stage, "settings": settings})
+        write_json(run.dir(stage) / SETTINGS, {"stage": stage, "settings": settings})
     dist.barrier()
     run.log(f"{stage}: running")
     start = time.time()
     result = _STAGE_FUNCTIONS[_kind(stage)](run, stage)
     seconds = round(time.time() - start, 1)
     if run.info.is_main:
-        _write_json(run.dir(stage) / MARKER, {"stage": stage, "settings": settings, "seconds": seconds,
+        write_json(run.dir(stage) / MARKER, {"stage": stage, "settings": settings, "seconds": seconds,
                                               "result": result})
     dist.barrier()
     run.log(f"{stage}: done in {seconds:.0f} s")
@@ -466,7 +461,7 @@ def _evaluate(run: _Run, stage: str) -> dict[str, Any]:
             models[name] = (run.pretrained(boot), run.pretrained(boot))
     try:
         return evaluate_models(models, settings, run.dir(stage), run.info, run.progress)
-    except ValueError as exc:
+    except EvaluateError as exc:
         raise BootstrapError(str(exc)) from exc
 
 
@@ -493,7 +488,7 @@ def _report(run: _Run) -> dict[str, Any]:
         report["noise"] = capfilt["noise"]
     if "result" in stages.get("evaluate", {}):
         report["comparison"] = compare(stages["evaluate"]["result"])
-    _write_json(run.output / "report.json", report)
+    write_json(run.output / "report.json", report)
     return report
 
 

@@ -3,20 +3,24 @@
 `openblip bootstrap`'s ``evaluate`` stage scores the model pre-trained on the noisy web data and the
 one pre-trained on the bootstrapped data (each through its captioner and filter) on the same
 held-out shards, and `compare` lays the metrics out as noisy vs bootstrapped. Settings problems
-raise ``ValueError``.
+raise `EvaluateError`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..data.shards import IMAGE_EXTENSIONS, atomic_write, expand_urls, iter_samples
+from ..data.shards import IMAGE_EXTENSIONS, expand_urls, iter_samples
 from ..data.stream import split_captions
 from ..train import distributed as dist
+from .manifest import write_json
+
+class EvaluateError(ValueError):
+    """The evaluation settings or held-out data cannot be used."""
+
 
 EVAL_DEFAULTS: dict[str, Any] = {"data": None, "limit": 1000, "finetune": True, "k_test": 128, "label_key": None,
                                  "batch_size": 64, "num_beams": 3, "max_length": 20, "min_length": 5}
@@ -28,13 +32,13 @@ COMPARED = (("retrieval", "txt_r1"), ("retrieval", "img_r1"), ("retrieval", "r_m
 def check_eval_settings(settings: dict[str, Any]) -> None:
     unknown = set(settings) - set(EVAL_DEFAULTS)
     if unknown:
-        raise ValueError(f"evaluate: unknown settings {sorted(unknown)}; known: {sorted(EVAL_DEFAULTS)}")
+        raise EvaluateError(f"evaluate: unknown settings {sorted(unknown)}; known: {sorted(EVAL_DEFAULTS)}")
     if not settings.get("data"):
-        raise ValueError("evaluate.data is not set: held-out shards (e.g. --set evaluate.data=DIR/test-00000.tar)")
+        raise EvaluateError("evaluate.data is not set: held-out shards (e.g. --set evaluate.data=DIR/test-00000.tar)")
     try:
         import pycocoevalcap.cider.cider  # noqa: F401  (caption metrics; better to fail before training)
     except ImportError as exc:
-        raise ValueError("evaluate needs pycocoevalcap: pip install 'openblip[eval]'") from exc
+        raise EvaluateError("evaluate needs pycocoevalcap: pip install 'openblip[eval]'") from exc
 
 
 def _eval_set(settings: dict[str, Any]):
@@ -64,7 +68,7 @@ def evaluate_models(models: dict[str, tuple[str, str]], settings: dict[str, Any]
     settings = {**EVAL_DEFAULTS, **settings}
     evalset, labels = _eval_set(settings)
     if len(evalset) == 0:
-        raise ValueError(f"evaluate.data {settings['data']} holds no image with a caption")
+        raise EvaluateError(f"evaluate.data {settings['data']} holds no image with a caption")
     results: dict[str, Any] = {"images": len(evalset), "texts": len(evalset.texts)}
     for name, (captioner, filter_model) in models.items():
         entry = {"captioner": captioner, "filter": filter_model,
@@ -114,7 +118,7 @@ def _caption_metrics(source: str, evalset, settings: dict[str, Any], predictions
         with torch.inference_mode():
             predictions.update(zip(map(str, idx), blip.caption_pixels(pixels, prompt_ids, gen)))
     references = {str(i): [evalset.texts[t] for t in evalset.img2txt[i]] for i in range(len(evalset))}
-    _write_json(predictions_path, [{"key": evalset.keys[i], "caption": predictions[str(i)],
+    write_json(predictions_path, [{"key": evalset.keys[i], "caption": predictions[str(i)],
                                     "references": references[str(i)]} for i in range(len(evalset))])
     scores = caption_scores(predictions, references, meteor=False, spice=False)
     return {k: round(float(v), 4) for k, v in scores.items() if k != "notes"}
@@ -134,7 +138,3 @@ def compare(results: dict[str, Any]) -> dict[str, Any]:
         lines.append(f"| {name} | " + " | ".join(f"{row[name]:.2f}" for row in rows.values()) + " |")
     return {"metrics": rows, "markdown": "\n".join(lines)}
 
-
-def _write_json(path: Path, data: Any) -> None:
-    with atomic_write(path) as file:
-        file.write((json.dumps(data, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))

@@ -127,8 +127,9 @@ class WebImageTextDataset(IterableDataset):
             describe a class); samples without the field form a group of their own key.
 
     Each batch is a dict: ``image`` (B, 3, S, S) float tensor, ``text`` list of str,
-    ``key`` list of str, ``group`` list of str (see `group_key`), ``source`` (B,) long tensor, ``position`` (first position of the
-    batch), ``next_position`` (position to resume from after it), ``skipped`` dict.
+    ``key`` list of str, ``group`` list of str (see `group_key`), ``source`` (B,) long tensor,
+    ``position`` (first position of the batch), ``next_position`` (position to resume from after
+    it), ``skipped`` dict.
     """
 
     def __init__(
