@@ -181,6 +181,31 @@ def test_bad_image_and_missing_text_are_written_once(blip, tmp_path):
     assert summary["kept"]["web"]["scored"] == 1 and summary["kept"]["synthetic"]["scored"] == 2
 
 
+def test_filter_only_scores_web_texts_without_a_captioner(blip, tmp_path):
+    # Keep texts only where the hand-set logits favour "match": one filter keeps all, one none.
+    write_shard(tmp_path / "in" / "web-00000.tar", [
+        {"__key__": "k0", "png": png(), "txt": "A red square"},
+        {"__key__": "k1", "png": png("green", "circle")},  # nothing to score without a captioner
+        {"__key__": "k2", "jpg": b"broken", "txt": "a broken image"},
+    ])
+    kept = run_capfilt(None, forced_filter(blip, (-3.0, 3.0)), str(tmp_path / "in"), tmp_path / "keep",
+                       num_captions=0, **FAST)
+    out = {s["__key__"]: s for s in iter_samples(tmp_path / "keep" / "web-00000.tar")}
+    assert out["k0"]["txt"] == "a red square" and out["k0"]["json"]["web_kept"] is True
+    assert out["k0"]["json"]["synthetic"] == [] and out["k1"]["json"]["synthetic"] == [] and out["k1"]["txt"] == ""
+    assert "cannot decode" in out["k2"]["json"]["error"]
+    assert kept["kept"]["web"] == {"scored": 1, "kept": 1, "fraction": 1.0}
+    assert kept["kept"]["synthetic"]["scored"] == 0 and kept["settings"]["captioner"] is None
+    dropped = run_capfilt(blip, forced_filter(blip, (3.0, -3.0)), str(tmp_path / "in"), tmp_path / "drop",
+                          num_captions=0, **FAST)  # a captioner given is not used
+    assert dropped["kept"]["web"] == {"scored": 1, "kept": 0, "fraction": 0.0}
+    assert dropped["kept"]["synthetic"]["scored"] == 0
+    with pytest.raises(ValueError, match="needs a captioner"):
+        run_capfilt(None, blip, str(tmp_path / "in"), tmp_path / "x", num_captions=1, **FAST)
+    with pytest.raises(ValueError, match="num_captions must be 0"):
+        run_capfilt(blip, blip, str(tmp_path / "in"), tmp_path / "y", num_captions=-1, **FAST)
+
+
 def test_two_ranks_cover_every_shard_once(blip, tmp_path):
     pattern = make_shards(tmp_path / "in", n_shards=3, per_shard=2)
     out = tmp_path / "out"
@@ -248,3 +273,17 @@ def test_cli_killed_and_rerun_writes_every_sample_once(blip, tmp_path):
 def test_cli_rejects_missing_input(tmp_path, capsys):
     code = cli_main(["capfilt", "--input", str(tmp_path / "none-{0..3}.tar"), "--output", str(tmp_path / "o")])
     assert code == 2 and "missing" in capsys.readouterr().err
+
+
+def test_cli_filter_only_loads_no_captioner(blip, tmp_path, capsys):
+    from openblip.checkpoints import save_model
+
+    save_model(blip.model, blip.tokenizer, tmp_path / "model")
+    pattern = make_shards(tmp_path / "in", n_shards=1, per_shard=2)
+    # The captioner path does not exist: with --num-captions 0 it is never opened.
+    code = cli_main(["capfilt", "--captioner", str(tmp_path / "no-such-model"), "--filter", str(tmp_path / "model"),
+                     "--input", pattern, "--output", str(tmp_path / "out"), "--num-captions", "0", "--device", "cpu",
+                     "--no-progress"])
+    assert code == 0 and "synthetic 0/0" in capsys.readouterr().out
+    code = cli_main(["capfilt", "--input", pattern, "--output", str(tmp_path / "o"), "--num-captions", "-1"])
+    assert code == 2 and "--num-captions must be 0" in capsys.readouterr().err

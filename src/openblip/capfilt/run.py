@@ -15,7 +15,8 @@ Texts are cleaned with ``pre_caption(text, 30)`` before scoring, as the retrieva
 serves as the filter saw them in training, and the cleaned form is what ``.txt`` and the
 decisions hold (pre-training cleans captions the same way, so nothing is lost); the raw web
 text stays in the JSON. The web text is the ``.txt`` member; a sample without one (or whose
-text is empty once cleaned) gets synthetic captions only.
+text is empty once cleaned) gets synthetic captions only. With ``num_captions=0`` no
+captioner runs (none need be loaded): the filter scores the web texts alone.
 
 Restarts are safe. A finished shard is one whose output tar exists; its decisions and stats
 are written before the tar is renamed into place, so the tar's presence implies them.
@@ -92,7 +93,7 @@ class CapfiltSettings:
 @dataclass
 class _Decoded:
     image_ext: str | None
-    cap_pixels: torch.Tensor | None = None
+    cap_pixels: torch.Tensor | None = None  # None without a captioner
     filter_pixels: torch.Tensor | None = None
     error: str | None = None
 
@@ -100,16 +101,23 @@ class _Decoded:
 class _Worker:
     """The models, settings and thread pool shared by every shard of one rank."""
 
-    def __init__(self, captioner: Blip, filter_blip: Blip, settings: CapfiltSettings, batch_size: int,
+    def __init__(self, captioner: Blip | None, filter_blip: Blip, settings: CapfiltSettings, batch_size: int,
                  workers: int) -> None:
-        self.captioner, self.filter, self.settings, self.batch_size = captioner, filter_blip, settings, batch_size
-        self.prompt_ids, self.gen = sampling_settings(
-            captioner, prompt=settings.prompt, num_captions=settings.num_captions, top_p=settings.top_p,
-            top_k=settings.top_k, repetition_penalty=settings.repetition_penalty,
-            max_length=settings.max_length, min_length=settings.min_length,
-        )
+        if settings.num_captions < 0:
+            raise ValueError(f"num_captions must be 0 (filter the web texts only) or more, got {settings.num_captions}")
+        if settings.num_captions and captioner is None:
+            raise ValueError(f"num_captions={settings.num_captions} needs a captioner (0 filters web texts only)")
+        self.captioner = captioner if settings.num_captions else None
+        self.filter, self.settings, self.batch_size = filter_blip, settings, batch_size
+        self.prompt_ids, self.gen = [], None
+        if self.captioner is not None:
+            self.prompt_ids, self.gen = sampling_settings(
+                self.captioner, prompt=settings.prompt, num_captions=settings.num_captions, top_p=settings.top_p,
+                top_k=settings.top_k, repetition_penalty=settings.repetition_penalty,
+                max_length=settings.max_length, min_length=settings.min_length,
+            )
         decide(0.0, settings.threshold)  # validates the threshold before any work
-        self.same_pixels = captioner.image_size == filter_blip.image_size
+        self.same_pixels = self.captioner is not None and self.captioner.image_size == filter_blip.image_size
         self.pool = ThreadPoolExecutor(workers) if workers > 0 else None
 
     def decode(self, sample: dict[str, Any]) -> _Decoded:
@@ -121,7 +129,7 @@ class _Worker:
             image = load_image(bytes(sample[ext]))
         except ImageError as exc:
             return _Decoded(ext, error=f"cannot decode .{ext}: {exc.problem}")
-        cap = self.captioner.transform(image)
+        cap = self.captioner.transform(image) if self.captioner is not None else None
         return _Decoded(ext, cap, cap if self.same_pixels else self.filter.transform(image))
 
     def decoded_batches(self, samples: Iterator[dict[str, Any]]) -> Iterator[tuple[list[dict], list[_Decoded]]]:
@@ -152,7 +160,7 @@ def input_shards(input_urls: str | Sequence[str]) -> list[str]:
 
 
 def run_capfilt(
-    captioner: Blip,
+    captioner: Blip | None,
     filter: Blip,  # noqa: A002 - the name of the BLIP component
     input_urls: str | Sequence[str],
     output_dir: str | os.PathLike,
@@ -177,11 +185,12 @@ def run_capfilt(
     """Caption and filter this rank's input shards, then (rank 0) write the manifest and summary.
 
     Args:
-        captioner: the image-grounded decoder (BLIP's COCO captioning model).
+        captioner: the image-grounded decoder (BLIP's COCO captioning model); None (or any
+            model, unused) with ``num_captions=0``.
         filter: the image-grounded encoder with ITM (and ITC) heads (BLIP's COCO retrieval model).
         input_urls: shard list (brace patterns, globs, directories, ``::``-separated).
         output_dir: where output shards and bookkeeping files go (see module doc).
-        num_captions: synthetic captions per image.
+        num_captions: synthetic captions per image; 0 filters the web texts only.
         top_p, top_k, repetition_penalty, max_length, min_length, prompt: nucleus sampling as
             BLIP's ``generate(sample=True)`` (lengths count [DEC] and the prompt; ``prompt``
             defaults to the captioner's own, ``"a picture of "`` for captioning checkpoints).
@@ -209,7 +218,7 @@ def run_capfilt(
     output_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     if workers is None:
-        workers = 4 if captioner.device.type == "cuda" else 0
+        workers = 4 if filter.device.type == "cuda" else 0
     worker = _Worker(captioner, filter, settings, batch_size, workers)
     try:
         report = _run_rank(worker, paths[rank::world_size], output_dir, rank, progress)
@@ -222,13 +231,13 @@ def run_capfilt(
         return report
     manifest = files.write_manifest(output_dir, paths, manifest_format)
     record = {**asdict(settings), "batch_size": batch_size, "world_size": world_size,
-              "captioner": _source(captioner), "filter": _source(filter)}
+              "captioner": _source(worker.captioner), "filter": _source(filter)}
     summary = files.write_summary(output_dir, paths, world_size, record, manifest)
     return {**summary, "summary_path": str(output_dir / "summary.json")}
 
 
-def _source(blip: Blip) -> Any:
-    return blip.config.extra.get("source", blip.config.task)
+def _source(blip: Blip | None) -> Any:
+    return None if blip is None else blip.config.extra.get("source", blip.config.task)
 
 
 def _run_rank(worker: _Worker, mine: list[str], output_dir: Path, rank: int, progress: bool) -> dict[str, Any]:
@@ -289,10 +298,13 @@ def _process_batch(
     captions: list[list[str]] = []
     scores: list[list[dict[str, Any]]] = []
     if ok:
-        seeds = [sample_seed(worker.settings.seed, samples[i]["__key__"]) for i in ok]
-        pixels = torch.stack([decoded[i].cap_pixels for i in ok])
-        captions = sample_captions(worker.captioner, pixels, seeds, worker.prompt_ids, worker.gen)
-        captions = [[pre_caption(c, MAX_WORDS) for c in cs] for cs in captions]
+        pixels = None
+        captions = [[] for _ in ok]
+        if worker.captioner is not None:
+            seeds = [sample_seed(worker.settings.seed, samples[i]["__key__"]) for i in ok]
+            pixels = torch.stack([decoded[i].cap_pixels for i in ok])
+            captions = sample_captions(worker.captioner, pixels, seeds, worker.prompt_ids, worker.gen)
+            captions = [[pre_caption(c, MAX_WORDS) for c in cs] for cs in captions]
         texts = [([webs[i][1]] if webs[i][1] else []) + cs for i, cs in zip(ok, captions)]
         filter_pixels = pixels if worker.same_pixels else torch.stack([decoded[i].filter_pixels for i in ok])
         scores = score_texts(worker.filter, filter_pixels, texts, first_token=worker.settings.first_token)

@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--input", required=True, metavar="SHARDS",
                    help='input shards: "dir/{00000..00099}.tar", globs, a directory, "::" between lists')
     p.add_argument("--output", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--num-captions", type=int, default=1, help="synthetic captions per image (default: 1)")
+    p.add_argument("--num-captions", type=int, default=1,
+                   help="synthetic captions per image (default: 1); 0 = filter the web texts only, no captioner "
+                        "is loaded")
     p.add_argument("--top-p", type=float, default=0.9, help="nucleus mass (default: 0.9, as BLIP)")
     p.add_argument("--top-k", type=int, default=50,
                    help="top-k before top-p, 0 = off (default: 50, transformers' default in BLIP's sampling)")
@@ -59,6 +61,8 @@ def run_capfilt_cli(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
         raise CliError("--batch-size must be at least 1 and --workers at least 0")
+    if args.num_captions < 0:
+        raise CliError(f"--num-captions must be 0 (filter web texts only) or more, got {args.num_captions}")
     try:
         input_shards(args.input)
         decide(0.0, args.threshold)
@@ -70,12 +74,14 @@ def run_capfilt_cli(args: argparse.Namespace) -> int:
         device = args.device or str(info.device)
         if device == "cuda" and info.distributed:
             device = f"cuda:{info.local_rank}"
-        captioner = _load(args, args.captioner, device)
-        filter_blip = captioner if args.filter == args.captioner else _load(args, args.filter, device)
+        captioner = _load(args, args.captioner, device) if args.num_captions else None
+        same = captioner is not None and args.filter == args.captioner
+        filter_blip = captioner if same else _load(args, args.filter, device)
         try:
-            sampling_settings(captioner, prompt=args.prompt, num_captions=args.num_captions, top_p=args.top_p,
-                              top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                              max_length=args.max_length, min_length=args.min_length)
+            if captioner is not None:
+                sampling_settings(captioner, prompt=args.prompt, num_captions=args.num_captions, top_p=args.top_p,
+                                  top_k=args.top_k, repetition_penalty=args.repetition_penalty,
+                                  max_length=args.max_length, min_length=args.min_length)
         except ValueError as exc:
             raise CliError(str(exc)) from exc
         result = run_capfilt(
