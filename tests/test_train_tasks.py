@@ -110,6 +110,33 @@ def test_retrieval_task_needs_ids_and_treats_same_image_captions_as_positives():
     assert task.contrast.queue.idx_queue[0, :4].tolist() == [7, 7, 8, 9]
 
 
+def test_pretraining_with_ids_never_draws_a_same_id_negative(monkeypatch):
+    from openblip.train import tasks
+
+    torch.manual_seed(0)
+    task = PretrainTask(BlipModel(preset("tiny")), BlipTokenizer.default(), queue_size=16, with_idx=True)
+    pixels = torch.randn(4, 3, 64, 64)
+    with pytest.raises(ValueError, match="needs their ids"):
+        task(pixels, CAPTIONS, step=0)
+    drawn = []
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        drawn.append((kwargs["idx"], out))
+        return out
+
+    real = tasks.sample_hard_negatives
+    monkeypatch.setattr(tasks, "sample_hard_negatives", spy)
+    idx = torch.tensor([7, 7, 8, 8])
+    for step in range(6):
+        out = task(pixels, CAPTIONS, step=step, idx=idx, generator=torch.Generator().manual_seed(step))
+        assert set(out) == {"loss", "loss_itc", "loss_itm", "loss_lm"} and torch.isfinite(out["loss"])
+    for ids, (neg_img, neg_txt) in drawn:
+        assert ids.tolist() == [7, 7, 8, 8]
+        assert (ids[neg_img] != ids).all() and (ids[neg_txt] != ids).all()
+    assert task.contrast.queue.idx_queue[0, :8].tolist() == [7, 7, 8, 8, 7, 7, 8, 8]
+
+
 def test_lm_loss_on_scored_positions_equals_the_full_lm_loss():
     from openblip.losses import lm_loss, mask_prompt_and_padding
 

@@ -50,9 +50,10 @@ class TrainConfig:
     max_words: int = 30
     num_workers: int = 2
     train_data_weights: str | None = None
-    # Retrieval: samples whose json holds the same value of this field are positives of each other
-    # and never hard negatives (``image_id``; a class label when captions describe a class). None:
-    # each sample key is its own image.
+    # Retrieval and pre-training: samples whose json holds the same value of this field are
+    # positives of each other in ITC and never ITM hard negatives (``image_id``; a class label when
+    # captions describe a class). None: each sample key is its own image (pre-training: the
+    # original's diagonal positives).
     positive_key: str | None = None
     # Bookkeeping.
     seed: int = 0

@@ -212,7 +212,7 @@ class Trainer:
     def _forward(self, batch: dict[str, Any], micro: int) -> dict[str, torch.Tensor]:
         device = self.info.device
         pixels = batch["image"].to(device, non_blocking=True)
-        idx = stable_idx(batch.get("group", batch["key"])) if self.cfg.task == "retrieval" else None
+        idx = stable_idx(batch.get("group", batch["key"])) if self.task.with_idx else None
         # Hard negatives drawn from a generator seeded by (seed, step, rank): exact on resume.
         gen = torch.Generator(device=device)
         gen.manual_seed(hash((self.cfg.seed, self.step, micro, self.info.rank)) & 0x7FFFFFFF)

@@ -95,7 +95,7 @@ def build_task(cfg: TrainConfig, model: BlipModel, tokenizer: BlipTokenizer, epo
     if cfg.task == "pretrain":
         return PretrainTask(model, tokenizer, queue_size=cfg.queue_size, momentum=cfg.momentum, alpha=cfg.alpha,
                             alpha_ramp_steps=ramp, max_length=cfg.text_max_length,
-                            label_smoothing=cfg.label_smoothing)
+                            label_smoothing=cfg.label_smoothing, with_idx=cfg.positive_key is not None)
     if cfg.task == "retrieval":
         return RetrievalTask(model, tokenizer, queue_size=cfg.queue_size, momentum=cfg.momentum, alpha=cfg.alpha,
                              alpha_ramp_steps=ramp, max_length=cfg.text_max_length)

@@ -6,7 +6,8 @@ to optimise. The loop knows nothing about objectives; the model knows nothing
 about losses.
 
 * :class:`PretrainTask` - ITC (momentum distillation, queues) + ITM (hard
-  negatives) + LM, encoder and decoder sharing all but self-attention (B).
+  negatives) + LM, encoder and decoder sharing all but self-attention (B);
+  optionally with group ids as multi-positives, as retrieval fine-tuning.
 * :class:`CaptionTask` - LM on prompt-prefixed captions, prompt masked (D.1).
 * :class:`RetrievalTask` - ITC + ITM where all captions of one image are
   positives and hard negatives never share the image (D.2).
@@ -29,6 +30,8 @@ class Task(nn.Module):
 
     #: Whether splitting a batch into micro-batches leaves the objective unchanged.
     supports_grad_accumulation = True
+    #: Whether ``forward`` takes group ids (``idx``): rows sharing an id are positives.
+    with_idx = False
 
     def __init__(self, model: BlipModel, tokenizer: BlipTokenizer) -> None:
         super().__init__()
@@ -59,6 +62,7 @@ class _ContrastiveTask(Task):
         for part in ("text_encoder", "vision_proj", "text_proj", "itm_head"):
             model.part(part, "contrastive training")
         self.contrast = MomentumContrast(model, queue_size=queue_size, momentum=momentum, with_idx=with_idx)
+        self.with_idx = with_idx
         self.alpha, self.alpha_ramp_steps = alpha, alpha_ramp_steps
         # Padding to the longest caption (not to max_length, as the original) computes the same
         # losses: padded positions are masked everywhere, and fewer of them cost less.
@@ -68,6 +72,12 @@ class _ContrastiveTask(Task):
         return ramp_alpha(self.alpha, step, max(self.alpha_ramp_steps, 1), 1.0)
 
     def itc_itm(self, pixels, captions, step, idx, generator):
+        if self.with_idx:
+            if idx is None:
+                raise ValueError("this task treats samples sharing an id as positives and needs their ids (idx)")
+            idx = idx.to(pixels.device).reshape(-1)
+        else:
+            idx = None
         m = self.model
         m.clamp_temp()
         ids, mask = self.tokens(captions, "cls", self.max_length, self.padding)
@@ -100,22 +110,28 @@ class _ContrastiveTask(Task):
 
 
 class PretrainTask(_ContrastiveTask):
-    """BLIP pre-training: ``loss = itc + itm + lm`` (unweighted, as the original)."""
+    """BLIP pre-training: ``loss = itc + itm + lm`` (unweighted, as the original).
+
+    With ``with_idx`` (an extension: the original had no ids in pre-training), samples
+    sharing an id are positives of each other in ITC and never each other's ITM hard
+    negatives, e.g. several captions of one image stored as separate samples, or captions
+    that describe a class rather than the photo.
+    """
 
     def __init__(self, model: BlipModel, tokenizer: BlipTokenizer, *, queue_size: int = 57600,
                  momentum: float = 0.995, alpha: float = 0.4, alpha_ramp_steps: int = 1,
-                 max_length: int = 30, label_smoothing: float = 0.1) -> None:
+                 max_length: int = 30, label_smoothing: float = 0.1, with_idx: bool = False) -> None:
         model.part("text_decoder", "pre-training")
         if not model.cfg.tie_encoder_decoder:
             model.cfg.tie_encoder_decoder = True
             model.tie_encoder_decoder()
         super().__init__(model, tokenizer, queue_size=queue_size, momentum=momentum, alpha=alpha,
-                         alpha_ramp_steps=alpha_ramp_steps, with_idx=False, max_length=max_length,
+                         alpha_ramp_steps=alpha_ramp_steps, with_idx=with_idx, max_length=max_length,
                          padding="longest")
         self.label_smoothing = label_smoothing
 
     def forward(self, pixels, captions, *, step: int, idx=None, generator=None) -> dict[str, torch.Tensor]:
-        loss_itc, loss_itm, image_embeds, ids, mask = self.itc_itm(pixels, captions, step, None, generator)
+        loss_itc, loss_itm, image_embeds, ids, mask = self.itc_itm(pixels, captions, step, idx, generator)
         dec_ids = ids.clone()
         dec_ids[:, 0] = self.tokenizer.dec_token_id
         labels = mask_prompt_and_padding(dec_ids, mask, 0)
@@ -136,7 +152,6 @@ class RetrievalTask(_ContrastiveTask):
     def forward(self, pixels, captions, *, step: int, idx=None, generator=None) -> dict[str, torch.Tensor]:
         if idx is None:
             raise ValueError("retrieval fine-tuning needs image ids (idx) so that captions of one image are positives")
-        idx = idx.to(pixels.device).reshape(-1)
         loss_itc, loss_itm, *_ = self.itc_itm(pixels, captions, step, idx, generator)
         return {"loss": loss_itc + loss_itm, "loss_itc": loss_itc, "loss_itm": loss_itm}
 
