@@ -352,7 +352,7 @@ def _run_stage(run: _Run, stage: str) -> None:
     seconds = round(time.time() - start, 1)
     if run.info.is_main:
         write_json(run.dir(stage) / MARKER, {"stage": stage, "settings": settings, "seconds": seconds,
-                                              "result": result})
+                                             "result": result})
     dist.barrier()
     run.log(f"{stage}: done in {seconds:.0f} s")
 

@@ -18,6 +18,7 @@ from ..data.stream import split_captions
 from ..train import distributed as dist
 from .manifest import write_json
 
+
 class EvaluateError(ValueError):
     """The evaluation settings or held-out data cannot be used."""
 
@@ -62,7 +63,7 @@ def _eval_set(settings: dict[str, Any]):
 
 
 def evaluate_models(models: dict[str, tuple[str, str]], settings: dict[str, Any], folder: Path,
-                     info: dist.DistInfo, progress: bool) -> dict[str, Any]:
+                    info: dist.DistInfo, progress: bool) -> dict[str, Any]:
     """Retrieval (every rank) and caption metrics (rank 0) of each ``name: (captioner, filter)``;
     rank 0 writes each model's captions to ``folder/<name>-captions.json``."""
     settings = {**EVAL_DEFAULTS, **settings}
@@ -119,7 +120,7 @@ def _caption_metrics(source: str, evalset, settings: dict[str, Any], predictions
             predictions.update(zip(map(str, idx), blip.caption_pixels(pixels, prompt_ids, gen)))
     references = {str(i): [evalset.texts[t] for t in evalset.img2txt[i]] for i in range(len(evalset))}
     write_json(predictions_path, [{"key": evalset.keys[i], "caption": predictions[str(i)],
-                                    "references": references[str(i)]} for i in range(len(evalset))])
+                                   "references": references[str(i)]} for i in range(len(evalset))])
     scores = caption_scores(predictions, references, meteor=False, spice=False)
     return {k: round(float(v), 4) for k, v in scores.items() if k != "notes"}
 
@@ -137,4 +138,3 @@ def compare(results: dict[str, Any]) -> dict[str, Any]:
     for name in ("noisy", "bootstrapped"):
         lines.append(f"| {name} | " + " | ".join(f"{row[name]:.2f}" for row in rows.values()) + " |")
     return {"metrics": rows, "markdown": "\n".join(lines)}
-

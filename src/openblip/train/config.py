@@ -69,7 +69,8 @@ class TrainConfig:
         if self.task not in ("pretrain", "caption", "retrieval"):
             raise ValueError(f"unknown task {self.task!r}: use pretrain, caption or retrieval")
         if self.model_config is not None and not isinstance(self.model_config, dict):
-            raise ValueError(f"model_config must be a JSON object such as {{\"embed_dim\": 64}}, got {self.model_config!r}")
+            raise ValueError(f"model_config must be a JSON object such as {{\"embed_dim\": 64}}, "
+                             f"got {self.model_config!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"precision must be fp32 or bf16, got {self.precision!r}")
         for name in ("max_steps", "batch_size", "grad_accum", "save_every", "log_every"):

@@ -73,7 +73,8 @@ def _batches(dataset, make_loader: Callable, data: DataState, skipped: Counter,
             raise RuntimeError("the training data produced no batch: check --train-data")
         if produced and not yielded and whole_pass:
             # A whole pass without one usable batch would otherwise repeat forever.
-            raise RuntimeError(f"a whole pass over the training data gave no readable sample (skipped: {dict(skipped)})")
+            raise RuntimeError(f"a whole pass over the training data gave no readable sample "
+                               f"(skipped: {dict(skipped)})")
         data.epoch, data.position = data.epoch + 1, 0
 
 
