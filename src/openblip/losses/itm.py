@@ -103,7 +103,9 @@ def sample_hard_negatives(
         wider = positive | also_positive.to(positive.device)
         positive = torch.where(wider.all(dim=1, keepdim=True), positive, wider)
     if bool(positive.all(dim=1).any()):
-        raise ValueError("some entry has no negative candidate: every candidate shares its id")
+        raise ValueError("some entry has no negative candidate: every candidate shares its id (in training: "
+                         "every sample of the batch has the same positive_key value; use a larger batch or "
+                         "a finer key)")
 
     weights_t2i = _negative_weights(sim_t2i, positive, eps)
     weights_i2t = _negative_weights(sim_i2t, positive, eps)
