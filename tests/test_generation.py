@@ -44,21 +44,3 @@ def test_repetition_penalty_and_min_length_as_transformers():
 def test_bad_settings_are_refused_with_a_reason(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GenerationConfig(**{"max_length": 20, **kwargs}).validate(prompt_length=4)
-
-
-@pytest.mark.parametrize("shape", [(1, 1, 24), (3, 1, 24), (2, 2, 24), (5, 24), (0, 24)])
-@pytest.mark.parametrize("with_bias", [True, False])
-def test_small_row_linear_matches_f_linear(shape, with_bias):
-    from openblip.models.med import linear
-
-    torch.manual_seed(0)
-    x, weight = torch.randn(shape), torch.randn(40, 24)
-    bias = torch.randn(40) if with_bias else None
-    with torch.no_grad():
-        out = linear(x, weight, bias)
-    assert out.shape == (*shape[:-1], 40) and out.is_contiguous()
-    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), atol=1e-5, rtol=1e-5)
-    # With gradients it is F.linear itself, so training is unchanged.
-    weight.requires_grad_(True)
-    linear(x, weight, bias).sum().backward()
-    assert weight.grad is not None and weight.grad.shape == weight.shape

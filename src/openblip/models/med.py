@@ -25,33 +25,9 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TextConfig
+from .linear import Linear, linear  # noqa: F401  (linear: also imported from here)
 
 KV = tuple[torch.Tensor, torch.Tensor]
-
-# Decoding steps multiply a few rows (one token per beam) by each weight matrix. On CPU the
-# fp32 GEMM behind F.linear handles 2-4 rows badly (the 30,524 x 768 LM head takes ~3x as long
-# for 3 rows as for 1), while the same product as weight @ x^T runs at the speed of reading the
-# weights once: beam search with 3 beams on one image decodes ~1.5x faster. Above this many
-# rows, or with gradients, on other devices and dtypes, F.linear is used unchanged.
-SMALL_ROWS = 4
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` with the faster kernel for the few rows of a CPU decoding step."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (not 0 < rows <= SMALL_ROWS or torch.is_grad_enabled() or x.device.type != "cpu"
-            or x.dtype != torch.float32 or weight.dtype != torch.float32):
-        return F.linear(x, weight, bias)
-    xt = x.reshape(rows, x.shape[-1]).t()  # (in, rows)
-    out = torch.addmm(bias[:, None], weight, xt) if bias is not None else weight @ xt  # (out, rows)
-    return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state-dict names) computed by :func:`linear`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias)
 
 
 class QKV(nn.Module):
@@ -287,7 +263,7 @@ class Predictions(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(self.transform(x), self.decoder.weight, self.bias)
+        return linear(self.transform(x), self.decoder.weight, self.bias, self.decoder)
 
 
 class LMHead(nn.Module):

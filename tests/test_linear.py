@@ -1,0 +1,84 @@
+"""The CPU inference products of openblip.models.linear against F.linear."""
+
+import copy
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from openblip.models import linear as lin_mod
+from openblip.models.linear import PACK_ROWS, Linear, linear
+
+SHAPES = [(1, 1, 24), (3, 1, 24), (2, 2, 24), (5, 24), (0, 24), (2, PACK_ROWS, 24)]
+
+
+@pytest.fixture(params=["onednn", "fallback"])
+def path(request, monkeypatch):
+    if request.param == "onednn":
+        if not lin_mod.onednn_enabled():
+            pytest.skip("this PyTorch has no oneDNN linear")
+    else:
+        monkeypatch.setattr(lin_mod, "_OP", None)
+    return request.param
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("with_owner", [True, False])
+def test_inference_linear_matches_f_linear(path, shape, with_bias, with_owner):
+    torch.manual_seed(0)
+    layer = Linear(24, 40, bias=with_bias)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        out = linear(x, layer.weight, layer.bias, layer if with_owner else None)
+        ref = F.linear(x, layer.weight, layer.bias)
+    assert out.shape == (*shape[:-1], 40) and out.is_contiguous()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_non_contiguous_input(path):
+    torch.manual_seed(0)
+    layer = Linear(24, 40)
+    x = torch.randn(3, 24, 2).transpose(1, 2)  # (3, 2, 24), not contiguous
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_weight_is_cached_rebuilt_on_change_and_never_saved(path):
+    torch.manual_seed(0)
+    layer = Linear(24, 40)
+    x = torch.randn(2, 24)
+    with torch.no_grad():
+        layer(x)
+        first = lin_mod._PACKED.get(layer)
+        layer(x)
+        assert lin_mod._PACKED.get(layer) is first  # reused, not re-packed per call
+        layer.weight.mul_(2.0)  # an in-place update (load_state_dict, an optimizer step) ...
+        out = layer(x)
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    if path == "onednn":
+        assert first is not None and lin_mod._PACKED[layer] is not first  # ... re-packs
+    assert set(layer.state_dict()) == {"weight", "bias"}
+    copy.deepcopy(layer)  # the opaque packed tensor is not part of the module
+    pickle.dumps(layer)
+
+
+def test_switched_off_by_the_environment(monkeypatch):
+    monkeypatch.setenv("OPENBLIP_ONEDNN", "0")
+    assert not lin_mod.onednn_enabled()
+    layer = Linear(24, 40)
+    with torch.no_grad():
+        layer(torch.randn(8, 24))
+    assert layer not in lin_mod._PACKED
+
+
+def test_with_gradients_it_is_f_linear():
+    torch.manual_seed(0)
+    layer = Linear(24, 40)
+    x = torch.randn(3, 24, requires_grad=True)
+    out = layer(x)
+    torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), atol=0, rtol=0)
+    out.sum().backward()
+    assert layer.weight.grad is not None and x.grad is not None
+    assert layer not in lin_mod._PACKED
