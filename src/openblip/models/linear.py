@@ -43,7 +43,7 @@ def _onednn_op():
 _OP, _REORDER = _onednn_op()
 # module -> (weight key, packed weight); outside the module so that deepcopy, pickling and
 # state dicts never see the opaque oneDNN tensors, and freed with the module.
-_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_PACKED: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
 def onednn_enabled() -> bool:

@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TextConfig
-from .linear import Linear, linear  # noqa: F401  (linear: also imported from here)
+from .linear import Linear, linear
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
