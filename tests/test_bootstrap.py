@@ -203,3 +203,21 @@ def test_bootstrap_resumes_a_killed_stage_and_refuses_changed_settings(tmp_path,
     capsys.readouterr()
     assert cli_main([*args, "--until", "filter"]) == 0
     assert "pretrain: complete, skipped" in capsys.readouterr().err
+
+
+def test_bootstrap_capfilt_with_a_calibrated_threshold(tmp_path):
+    source = make_shards(tmp_path / "src", n_shards=2, per_shard=14)
+    out = tmp_path / "run"
+    args = ["bootstrap", "--config", "tiny-test", "--output", str(out), "--no-progress", "--until", "capfilt",
+            "--set", f"data.noisy_split.source={source}", "--set", "evaluate=null",
+            "--set", "data.noisy_split.calibration_size=6", "--set", "data.noisy_split.web_size=14",
+            "--set", "capfilt.threshold=null", "--set", 'capfilt.calibrate={"keep": 0.5}']
+    assert cli_main(args) == 0
+    assert len(samples(str(out / "noisy-split" / "calibration-*.tar"))) == 6
+    calibration = json.loads((out / "capfilt" / "calibration.json").read_text())
+    assert calibration["pairs"] == 6 and calibration["clean_kept"] >= 0.5
+    result = json.loads((out / "capfilt" / MARKER).read_text())["result"]
+    assert result["calibration"]["threshold"] == calibration["threshold"]
+    decisions = [json.loads(line) for line in (out / "capfilt" / "manifest.jsonl").read_text().splitlines()]
+    assert len(decisions) == 28 and [d["kept"] for d in decisions] == [
+        d["itm"] >= calibration["threshold"] for d in decisions]

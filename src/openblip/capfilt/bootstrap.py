@@ -50,7 +50,8 @@ PRESETS = "openblip.presets.bootstrap"
 _TRAIN_PRESET = {"pretrain": "tiny", "caption": "caption-coco", "retrieval": "retrieval-coco"}
 _LOOP_KEYS = ("preset", "checkpoint", "weights")  # section keys that are not TrainConfig fields
 CAPFILT_KEYS = ("num_captions", "top_p", "top_k", "repetition_penalty", "max_length", "min_length", "prompt",
-                "threshold", "first_token", "batch_size", "seed", "workers")
+                "threshold", "first_token", "batch_size", "seed", "workers", "calibrate")
+CALIBRATE_KEYS = ("keep", "positive_key", "limit")
 
 
 class BootstrapError(ValueError):
@@ -139,6 +140,7 @@ class BootstrapConfig:
         unknown = set(self.capfilt) - set(CAPFILT_KEYS)
         if unknown:
             raise BootstrapError(f"capfilt: unknown settings {sorted(unknown)}; known: {list(CAPFILT_KEYS)}")
+        self._check_calibration()
         if self.evaluate is not None:
             try:
                 check_eval_settings(self.evaluate)
@@ -159,9 +161,25 @@ class BootstrapConfig:
                 raise BootstrapError(f"data.noisy_split: {exc}") from exc
         elif not (web and human):
             raise BootstrapError("data: set web and human shard lists, or noisy_split to make them")
-        extra = set(self.data) - {"noisy_split", "web", "human"}
+        extra = set(self.data) - {"noisy_split", "web", "human", "calibration"}
         if extra:
             raise BootstrapError(f"data: unknown entries {sorted(extra)}")
+
+    def _check_calibration(self) -> None:
+        calibrate = self.capfilt.get("calibrate")
+        if calibrate is None:
+            return
+        if not isinstance(calibrate, dict) or set(calibrate) - set(CALIBRATE_KEYS):
+            raise BootstrapError(f"capfilt.calibrate: a section with {', '.join(CALIBRATE_KEYS)} (or null), got "
+                                 f"{calibrate!r}")
+        if self.capfilt.get("threshold") is not None:
+            raise BootstrapError("capfilt: set threshold or calibrate, not both (--set capfilt.threshold=null)")
+        split = self.data.get("noisy_split") or {}
+        if not (split.get("calibration_size") or self.data.get("calibration")):
+            raise BootstrapError("capfilt.calibrate needs held-out human pairs: data.noisy_split.calibration_size "
+                                 "(e.g. 500) or data.calibration (shards)")
+        if split and self.data.get("calibration"):
+            raise BootstrapError("data: give noisy_split.calibration_size or calibration, not both")
 
 
 def load_bootstrap_config(name_or_path: str, overrides: dict[str, Any] | None = None) -> BootstrapConfig:
@@ -221,6 +239,12 @@ class _Run:
             return str(self.dir("noisy-split") / "human-*.tar")
         return self.cfg.data["human"]
 
+    @property
+    def calibration(self) -> str | None:
+        if (self.cfg.data.get("noisy_split") or {}).get("calibration_size"):
+            return str(self.dir("noisy-split") / "calibration-*.tar")
+        return self.cfg.data.get("calibration")
+
     def pretrained(self, bootstrapped: bool) -> str:
         if bootstrapped:
             return str(self.dir("pretrain-bootstrapped"))
@@ -249,7 +273,10 @@ def _own_settings(stage: str, cfg: BootstrapConfig) -> dict[str, Any]:
     if stage == "noisy-split":
         return dict(cfg.data["noisy_split"])
     if stage == "capfilt":
-        return dict(cfg.capfilt)
+        own = dict(cfg.capfilt)
+        if cfg.data.get("calibration") and own.get("calibrate") is not None:
+            own["calibration_data"] = cfg.data["calibration"]
+        return own
     if stage == "evaluate":
         return dict(cfg.evaluate or {})
     own: dict[str, Any] = {"train": cfg.train_config(stage).to_dict(), **{
@@ -430,19 +457,33 @@ def _epoch_over_union(cfg: TrainConfig, total: int, world_size: int) -> TrainCon
 
 def _capfilt(run: _Run, stage: str) -> dict[str, Any]:
     from ..api import Blip
+    from .calibrate import load_or_calibrate
     from .run import run_capfilt
 
     device = str(run.info.device)
     captioner = Blip.from_pretrained(run.dir("captioner"), device=device)
     filter_blip = Blip.from_pretrained(run.dir("filter"), device=device)
+    settings = {k: v for k, v in run.cfg.capfilt.items() if k != "calibrate" and v is not None}
+    calibration = None
+    if run.cfg.capfilt.get("calibrate") is not None:
+        calibrate = {"keep": 0.9, "positive_key": run.cfg.filter.get("positive_key"), "limit": None,
+                     **run.cfg.capfilt["calibrate"]}
+        calibration = load_or_calibrate(filter_blip, run.calibration, run.dir(stage), rank=run.info.rank,
+                                        batch_size=settings.get("batch_size", 32),
+                                        first_token=settings.get("first_token", "enc"), **calibrate)
+        settings["threshold"] = calibration["threshold"]
+        run.log(f"capfilt: calibrated threshold {calibration['threshold']:.4f} (keeps {calibrate['keep']:.0%} "
+                f"of {calibration['pairs']} held-out human pairs)")
     summary = run_capfilt(captioner, filter_blip, run.web, run.dir(stage), rank=run.info.rank,
                           world_size=run.info.world_size, manifest_format="jsonl", progress=run.progress,
-                          **run.cfg.capfilt)
+                          **settings)
     if not run.info.is_main:
         return {}
     if summary["shards"]["missing"]:
         raise RuntimeError(f"capfilt left shards unfinished: {summary['shards']['missing'][:5]}")
     result = {"kept": summary["kept"], "throughput": summary["throughput"], "samples": summary["samples"]}
+    if calibration is not None:
+        result["calibration"] = {k: v for k, v in calibration.items() if k not in ("request", "shards")}
     flags = read_noise_flags(str(run.dir(stage) / "*.tar"))
     if any(flags.values()):  # a controlled-noise web set: score the filter against the truth
         result["noise"] = capfilt_precision_recall(read_capfilt_decisions(run.dir(stage)), flags)

@@ -1,16 +1,18 @@
 """Controlled caption noise for measuring CapFilt: a clean split, a noisy split, and scoring.
 
-`make_noisy_split` turns a shard set into two WebDataset shard sets:
+`make_noisy_split` turns a shard set into two (or three) WebDataset shard sets:
 
 * ``human-*.tar``: the first `human_size` usable samples, captions untouched (the
   "human-annotated" pairs of the paper, COCO's role);
 * ``web-*.tar``: the next `web_size` samples (default: all the rest), of which exactly
   ``round(fraction * web_size)``, chosen with a seeded RNG, have their caption replaced by
   the caption of another web image of a different class (or, without classes, simply a
-  different caption once cleaned) — a controlled version of mismatched alt-text.
+  different caption once cleaned) — a controlled version of mismatched alt-text;
+* ``calibration-00000.tar`` (with `calibration_size`): the next samples, captions untouched:
+  held-out human pairs for choosing the filter's threshold (`openblip.capfilt.calibrate`).
 
 Every output sample keeps its key, image and other members; its ``json`` gains ``subset``
-(``"human"`` or ``"web"``), ``noisy`` (True for swapped captions), ``original_caption`` and,
+(``"human"``, ``"web"`` or ``"calibration"``), ``noisy`` (True for swapped captions), ``original_caption`` and,
 for swapped ones, ``swapped_from`` (the donor's key). CapFilt copies the input metadata into
 its output, so these flags travel with the filtered shards.
 
@@ -62,12 +64,13 @@ class NoiseSettings:
     class_key: str | None = None  # json field naming the class ("label"); None: compare captions only
     human_shards: int = 2
     web_shards: int = 8
+    calibration_size: int = 0  # clean samples after the web set, held out for the filter's threshold
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fraction <= 1.0:
             raise ValueError(f"fraction must be in [0, 1], got {self.fraction}")
-        if self.human_size < 0 or (self.web_size is not None and self.web_size < 1):
-            raise ValueError("human_size must be >= 0 and web_size >= 1")
+        if self.human_size < 0 or self.calibration_size < 0 or (self.web_size is not None and self.web_size < 1):
+            raise ValueError("human_size and calibration_size must be >= 0 and web_size >= 1")
         if self.human_shards < 1 or self.web_shards < 1:
             raise ValueError("human_shards and web_shards must be at least 1")
 
@@ -101,7 +104,7 @@ def _scan(paths: list[str], settings: NoiseSettings, stats: Counter) -> list[_It
     """Captions and groups of the usable samples, in input order (images are not read)."""
     items: list[_Item] = []
     seen: set[str] = set()
-    limit = settings.human_size + settings.web_size if settings.web_size else None
+    limit = settings.human_size + settings.web_size + settings.calibration_size if settings.web_size else None
     for path in paths:
         for sample in iter_samples(path, stats=stats, lazy=IMAGE_EXTENSIONS):
             if limit is not None and len(items) >= limit:
@@ -144,7 +147,7 @@ def _differs(a: _Item, b: _Item) -> bool:
 
 def _prepare(output_dir: Path, overwrite: bool) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
-    existing = sorted(output_dir.glob("human-*.tar")) + sorted(output_dir.glob("web-*.tar"))
+    existing = [p for name in ("human", "web", "calibration") for p in sorted(output_dir.glob(f"{name}-*.tar"))]
     if existing and not overwrite:
         raise FileExistsError(f"{output_dir} already holds a split ({existing[0].name}, ...); pass overwrite=True")
     for path in [*existing, *output_dir.glob(".*.tmp"), output_dir / SPLIT_FILE]:
@@ -165,13 +168,14 @@ def _annotate(sample: dict[str, Any], subset: str, donor: _Item | None) -> dict[
 
 
 def _write(paths: list[str], output_dir: Path, human: int, web: list[_Item], donors: dict[int, int],
-           settings: NoiseSettings) -> tuple[list[str], list[str]]:
-    """Second pass: copy the samples into the human and web shards, swapping the chosen captions."""
-    wanted = human + len(web)
+           calibration: int, settings: NoiseSettings) -> tuple[list[str], list[str], list[str]]:
+    """Second pass: copy the samples into the human, web and calibration shards, swapping the chosen captions."""
+    wanted = human + len(web) + calibration
     per_human = max(1, math.ceil(human / settings.human_shards))
     per_web = max(1, math.ceil(len(web) / settings.web_shards))
     with ShardWriter(str(output_dir / "human-%05d.tar"), maxcount=per_human) as human_writer, \
-            ShardWriter(str(output_dir / "web-%05d.tar"), maxcount=per_web) as web_writer:
+            ShardWriter(str(output_dir / "web-%05d.tar"), maxcount=per_web) as web_writer, \
+            ShardWriter(str(output_dir / "calibration-%05d.tar"), maxcount=max(1, calibration)) as calib_writer:
         position = 0
         for sample in (s for path in paths for s in iter_samples(path)):
             if position >= wanted:
@@ -180,11 +184,13 @@ def _write(paths: list[str], output_dir: Path, human: int, web: list[_Item], don
                 continue
             if position < human:
                 human_writer.write(_annotate(sample, "human", None))
-            else:
+            elif position < human + len(web):
                 donor = donors.get(position - human)
                 web_writer.write(_annotate(sample, "web", web[donor] if donor is not None else None))
+            else:
+                calib_writer.write(_annotate(sample, "calibration", None))
             position += 1
-    return human_writer.paths, web_writer.paths
+    return human_writer.paths, web_writer.paths, calib_writer.paths
 
 
 def make_noisy_split(source: str | os.PathLike, output_dir: str | os.PathLike, settings: NoiseSettings | None = None,
@@ -202,28 +208,34 @@ def make_noisy_split(source: str | os.PathLike, output_dir: str | os.PathLike, s
         fraction, shard patterns (``human["pattern"]``, ``web["pattern"]``) and settings.
 
     Raises:
-        ValueError: fewer usable samples than `human_size` + 1, duplicate keys, or no
-            caption of a different class to swap in.
+        ValueError: fewer usable samples than `human_size` + 1 (+ `calibration_size`), duplicate
+            keys, or no caption of a different class to swap in.
     """
     settings = settings or NoiseSettings()
     start, output_dir = time.time(), Path(output_dir)
     paths = [p for group in expand_urls(source) for p in group]
     stats: Counter = Counter()
     items = _scan(paths, settings, stats)
-    human = settings.human_size
-    end = human + settings.web_size if settings.web_size else len(items)
+    human, calibration = settings.human_size, settings.calibration_size
+    end = human + settings.web_size if settings.web_size else len(items) - calibration
     web = items[human:end]
     if not web:
-        raise ValueError(f"{source}: {len(items)} usable samples, none left for a web set after {human} human ones")
+        raise ValueError(f"{source}: {len(items)} usable samples, none left for a web set after {human} human ones"
+                         + (f" and {calibration} held out for calibration" if calibration else ""))
+    if len(items) - end < calibration:
+        raise ValueError(f"{source}: {len(items)} usable samples, {len(items) - end} left after the human and web "
+                         f"sets for the {calibration} calibration samples")
     donors = _choose_swaps(web, settings)
     _prepare(output_dir, overwrite)
-    human_paths, web_paths = _write(paths, output_dir, human, web, donors, settings)
+    human_paths, web_paths, calib_paths = _write(paths, output_dir, human, web, donors, calibration, settings)
     result = {
         "source": str(source),
         "settings": asdict(settings),
         "human": {"samples": human, "shards": len(human_paths), "pattern": _pattern(human_paths)},
         "web": {"samples": len(web), "swapped": len(donors), "fraction": len(donors) / len(web),
                 "shards": len(web_paths), "pattern": _pattern(web_paths)},
+        "calibration": {"samples": calibration, "shards": len(calib_paths),
+                        "pattern": _pattern(calib_paths) if calib_paths else None},
         "unused": None if settings.web_size else 0,  # the scan stops once web_size samples are found
         "skipped": dict(stats),
         "seconds": round(time.time() - start, 1),

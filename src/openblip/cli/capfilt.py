@@ -39,8 +39,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-length", type=int, default=30, help="max tokens incl. [DEC] and prompt (default: 30)")
     p.add_argument("--min-length", type=int, default=10, help="min tokens incl. [DEC] and prompt (default: 10)")
     p.add_argument("--prompt", default=None, help="caption prompt (default: the captioner's, 'a picture of ')")
-    p.add_argument("--threshold", type=float, default=0.5,
+    p.add_argument("--threshold", type=float, default=None,
                    help="keep a text when its ITM match probability is at least this (default: 0.5, BLIP#54)")
+    p.add_argument("--calibrate", metavar="SHARDS", default=None,
+                   help="held-out human-annotated shards (image + .txt, unseen by the filter in training): choose "
+                        "the threshold that keeps --keep of them instead of a fixed one; recorded in "
+                        "OUTPUT/calibration.json and reused on restart")
+    p.add_argument("--keep", type=float, default=0.9,
+                   help="with --calibrate: share of the held-out human texts the threshold keeps (default: 0.9)")
+    p.add_argument("--calibration-key", default=None, metavar="FIELD",
+                   help="with --calibrate: json field (class, image id) whose samples describe each other; the "
+                        "mismatched pairs reported as a diagnostic are built across its values")
     p.add_argument("--first-token", choices=["enc", "cls"], default="enc",
                    help="token before the text for ITM: enc (as BLIP trained, default) or cls")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default: 16)")
@@ -56,16 +65,23 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_capfilt_cli(args: argparse.Namespace) -> int:
-    from ..capfilt import decide, input_shards, run_capfilt, sampling_settings
+    from ..capfilt import decide, input_shards, load_or_calibrate, run_capfilt, sampling_settings
+    from ..capfilt.calibrate import threshold_for_keep
+    from ..data.shards import expand_urls
     from ..train.distributed import cleanup, init_distributed
 
     if args.batch_size < 1 or (args.workers is not None and args.workers < 0):
         raise CliError("--batch-size must be at least 1 and --workers at least 0")
     if args.num_captions < 0:
         raise CliError(f"--num-captions must be 0 (filter web texts only) or more, got {args.num_captions}")
+    if args.calibrate is not None and args.threshold is not None:
+        raise CliError("give --threshold or --calibrate, not both")
     try:
         input_shards(args.input)
-        decide(0.0, args.threshold)
+        decide(0.0, 0.5 if args.threshold is None else args.threshold)
+        if args.calibrate is not None:
+            expand_urls(args.calibrate)
+            threshold_for_keep([0.0], args.keep)
     except (OSError, ValueError) as exc:
         raise CliError(str(exc)) from exc
     # Gloo even on GPUs: the only collective is the final barrier, which needs no tensors.
@@ -84,10 +100,21 @@ def run_capfilt_cli(args: argparse.Namespace) -> int:
                                   max_length=args.max_length, min_length=args.min_length)
         except ValueError as exc:
             raise CliError(str(exc)) from exc
+        threshold = 0.5 if args.threshold is None else args.threshold
+        if args.calibrate is not None:
+            try:
+                calibration = load_or_calibrate(
+                    filter_blip, args.calibrate, args.output, keep=args.keep, positive_key=args.calibration_key,
+                    batch_size=args.batch_size, first_token=args.first_token, rank=info.rank)
+            except ValueError as exc:
+                raise CliError(str(exc)) from exc
+            threshold = calibration["threshold"]
+            if info.rank == 0:
+                _print_calibration(calibration)
         result = run_capfilt(
             captioner, filter_blip, args.input, args.output, num_captions=args.num_captions, top_p=args.top_p,
             top_k=args.top_k, repetition_penalty=args.repetition_penalty, max_length=args.max_length,
-            min_length=args.min_length, prompt=args.prompt, threshold=args.threshold, first_token=args.first_token,
+            min_length=args.min_length, prompt=args.prompt, threshold=threshold, first_token=args.first_token,
             batch_size=args.batch_size, seed=args.seed, rank=info.rank, world_size=info.world_size,
             workers=args.workers, manifest_format=args.manifest_format, progress=not args.no_progress,
         )
@@ -101,6 +128,12 @@ def run_capfilt_cli(args: argparse.Namespace) -> int:
 
 def _load(args: argparse.Namespace, source: str, device: str):
     return load_blip(argparse.Namespace(model=source, device=device, dtype=args.dtype, image_size=None))
+
+
+def _print_calibration(c: dict[str, Any]) -> None:
+    mismatched = f"{100 * c['mismatched_kept']:.1f}%" if c["mismatched_kept"] is not None else "-"
+    print(f"calibrated threshold {c['threshold']:.4f}: keeps {100 * c['clean_kept']:.1f}% of {c['pairs']} held-out "
+          f"human pairs, {mismatched} of {c['mismatched_pairs']} mismatched ones", flush=True)
 
 
 def _print_summary(summary: dict[str, Any]) -> None:
