@@ -82,3 +82,16 @@ def test_with_gradients_it_is_f_linear():
     out.sum().backward()
     assert layer.weight.grad is not None and x.grad is not None
     assert layer not in lin_mod._PACKED
+
+
+def test_one_row_uses_onednn_only_for_large_weights(monkeypatch):
+    if not lin_mod.onednn_enabled():
+        pytest.skip("this PyTorch has no oneDNN linear")
+    torch.manual_seed(0)
+    small, large = Linear(24, 40), Linear(24, 400)
+    monkeypatch.setattr(lin_mod, "GEMV_MAX_ENTRIES", 24 * 400)
+    x = torch.randn(1, 24)
+    with torch.no_grad():
+        for layer in (small, large):
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    assert small not in lin_mod._PACKED and large in lin_mod._PACKED

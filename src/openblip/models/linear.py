@@ -1,22 +1,21 @@
-"""Inference matrix products on CPU: ``F.linear`` through oneDNN.
+"""Inference matrix products on CPU: the few rows of a decoding step through oneDNN.
 
-Without gradients, on CPU, in fp32, the products of every text and image layer go through
-oneDNN (PyTorch's ``mkldnn`` backend) instead of the MKL GEMM behind ``F.linear``. Measured on
-a 2-core AVX2 EPYC with BLIP-base shapes (``benchmarks/results/linear_kernels.md``):
+A decoding step multiplies a few rows (one token per image or beam) by every weight matrix. On
+CPU the MKL GEMM behind ``F.linear`` handles 2-64 rows badly; oneDNN (PyTorch's ``mkldnn``
+backend) with the weight re-laid out once into its blocked format does much better. Measured on
+a 2-core AVX2 EPYC at BLIP-base shapes (``benchmarks/results/linear_kernels.md``): 3 rows through
+the 768 x 3072 FFN take 0.41 ms instead of 1.64 ms, 8 rows through the 30,524-word LM head 10.6 ms
+instead of 34.8 ms. So, without gradients, on CPU, in fp32, for 2-64 rows (and for one row through
+a weight of 8M entries or more, i.e. the LM head: for smaller ones MKL's matrix-vector path is
+faster), ``linear`` uses a oneDNN copy of the weight packed on first use and cached per module.
 
-* few rows (a decoding step: one token per image or beam, at most ``PACK_ROWS`` rows): the
-  weight is re-laid out once into oneDNN's blocked format and cached on the module; 8 rows
-  through the 768 x 3072 FFN take 0.4 ms instead of 1.0 ms, through the 30,524-word LM head
-  10 ms instead of 30 ms;
-* many rows (the image encoder, cross-attention keys and values of whole images): the
-  plain weight is used, no copy; ~10-15% faster.
-
-The cached copy costs the memory of the weights it packs (the text decoder's ~550 MB at
-BLIP-base size); it is rebuilt when a weight changes and never saved. Results differ from
-``F.linear`` by float rounding only (~1e-6 relative). With gradients, on other devices and
-dtypes, or with ``OPENBLIP_ONEDNN=0`` in the environment, ``F.linear`` is used unchanged; a
-PyTorch built without oneDNN falls back to ``weight @ x^T`` for 1-4 rows, which MKL handles
-better than ``F.linear``.
+Everything else is ``F.linear`` unchanged: gradients, other devices and dtypes, and many rows
+(the image encoder; oneDNN with plain weights was faster at 1154 rows but slower at 577 here).
+The cached copies cost the memory of the weights they pack (the text decoder's ~550 MB at
+BLIP-base size when captioning); a copy is rebuilt when its weight changes and is never saved.
+Results differ from ``F.linear`` by float rounding only (~1e-6). ``OPENBLIP_ONEDNN=0`` in the
+environment switches the oneDNN path off; a PyTorch built without oneDNN falls back to
+``weight @ x^T`` for 2-4 rows, which MKL handles better than ``F.linear``.
 """
 
 from __future__ import annotations
@@ -28,7 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PACK_ROWS = 64  # up to this many rows the packed weight wins; above it the plain one is as fast
+PACK_ROWS = 64  # up to this many rows the packed weight wins (1.1-4.6x measured at 3-48 rows)
+# One row through a weight below this many entries: MKL's matrix-vector path (F.linear) is as fast
+# as a oneDNN call or faster (768 x 768: 0.11 vs 0.12-0.22 ms); above it (the LM head) oneDNN wins.
+GEMV_MAX_ENTRIES = 8_000_000
 SMALL_ROWS = 4  # the fallback's few-row path (PyTorch without oneDNN)
 
 
@@ -66,18 +68,18 @@ def _packed(owner: nn.Module, weight: torch.Tensor) -> torch.Tensor:
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, owner: nn.Module | None = None
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through oneDNN for CPU fp32 inference.
+    """``F.linear(x, weight, bias)``, through oneDNN for the few rows of CPU fp32 inference.
 
-    ``owner`` (the module holding ``weight``) keeps the packed copy used for few rows;
-    without it few-row products use the plain weight.
+    ``owner`` (the module holding ``weight``) keeps the packed copy; without it the oneDNN
+    path is not taken.
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (rows == 0 or torch.is_grad_enabled() or x.device.type != "cpu"
-            or x.dtype != torch.float32 or weight.dtype != torch.float32):
+    if (rows == 0 or rows > PACK_ROWS or torch.is_grad_enabled() or x.device.type != "cpu"
+            or x.dtype != torch.float32 or weight.dtype != torch.float32
+            or (rows == 1 and weight.numel() < GEMV_MAX_ENTRIES)):
         return F.linear(x, weight, bias)
-    if onednn_enabled():
-        w = _packed(owner, weight) if owner is not None and rows <= PACK_ROWS else weight
-        return _OP(x, w, bias, "none", [], "")
+    if owner is not None and onednn_enabled():
+        return _OP(x, _packed(owner, weight), bias, "none", [], "")
     if rows > SMALL_ROWS:
         return F.linear(x, weight, bias)
     xt = x.reshape(rows, x.shape[-1]).t()  # (in, rows)
