@@ -29,11 +29,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--human-shards", type=int, default=2)
     p.add_argument("--web-shards", type=int, default=8)
+    p.add_argument("--calibration-size", type=int, default=0,
+                   help="clean samples after the web set, held out in calibration-00000.tar (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier split in OUTPUT")
     args = p.parse_args(argv)
     try:
         settings = NoiseSettings(args.human_size, args.web_size, args.fraction, args.seed, args.class_key,
-                                 args.human_shards, args.web_shards)
+                                 args.human_shards, args.web_shards, args.calibration_size)
         result = make_noisy_split(args.source, args.output, settings, overwrite=args.overwrite)
     except (OSError, ValueError) as exc:
         print(f"make_noisy_split: error: {exc}", file=sys.stderr)

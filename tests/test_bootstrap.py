@@ -125,9 +125,10 @@ def test_precision_recall_script_on_a_hand_made_manifest(tmp_path):
 def test_make_noisy_split_script(tmp_path):
     source = make_shards(tmp_path / "src", n_shards=1, per_shard=12)
     out = run_script("make_noisy_split.py", source, str(tmp_path / "out"), "--human-size", "2", "--fraction", "0.5",
-                     "--web-shards", "2")
-    assert json.loads(out)["web"] == {"samples": 10, "swapped": 5, "fraction": 0.5, "shards": 2,
+                     "--web-shards", "2", "--calibration-size", "2")
+    assert json.loads(out)["web"] == {"samples": 8, "swapped": 4, "fraction": 0.5, "shards": 2,
                                       "pattern": str(tmp_path / "out" / "web-{00000..00001}.tar")}
+    assert json.loads(out)["calibration"]["samples"] == 2
 
 
 def test_capfilt_throughput_setup_writes_loadable_models_and_split_inputs(tmp_path):
