@@ -10,6 +10,13 @@ import torch.nn.functional as F
 from openblip.models import linear as lin_mod
 from openblip.models.linear import PACK_ROWS, Linear, linear
 
+
+@pytest.fixture(autouse=True)
+def small_weights_count(monkeypatch):
+    """The tests' small weights take the paths that real (>= 2^18 entries) ones do."""
+    monkeypatch.setattr(lin_mod, "MIN_ENTRIES", 0)
+
+
 SHAPES = [(1, 1, 24), (3, 1, 24), (2, 2, 24), (5, 24), (0, 24), (2, PACK_ROWS, 24)]
 
 
@@ -95,3 +102,11 @@ def test_one_row_uses_onednn_only_for_large_weights(monkeypatch):
         for layer in (small, large):
             torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
     assert small not in lin_mod._PACKED and large in lin_mod._PACKED
+
+
+def test_small_weights_stay_with_f_linear(monkeypatch):
+    monkeypatch.setattr(lin_mod, "MIN_ENTRIES", 24 * 40 + 1)
+    layer = Linear(24, 40)
+    with torch.no_grad():
+        layer(torch.randn(3, 24))
+    assert layer not in lin_mod._PACKED

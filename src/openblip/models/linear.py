@@ -5,9 +5,11 @@ CPU the MKL GEMM behind ``F.linear`` handles 2-64 rows badly; oneDNN (PyTorch's 
 backend) with the weight re-laid out once into its blocked format does much better. Measured on
 a 2-core AVX2 EPYC at BLIP-base shapes (``benchmarks/results/linear_kernels.md``): 3 rows through
 the 768 x 3072 FFN take 0.41 ms instead of 1.64 ms, 8 rows through the 30,524-word LM head 10.6 ms
-instead of 34.8 ms. So, without gradients, on CPU, in fp32, for 2-64 rows (and for one row through
-a weight of 8M entries or more, i.e. the LM head: for smaller ones MKL's matrix-vector path is
-faster), ``linear`` uses a oneDNN copy of the weight packed on first use and cached per module.
+instead of 34.8 ms. So, without gradients, on CPU, in fp32, for 2-64 rows through a weight of at
+least 2^18 entries (and for one row through a weight of 8M entries or more, i.e. the LM head: for
+smaller ones MKL's matrix-vector path is faster), ``linear`` uses a oneDNN copy of the weight packed
+on first use and cached per module. Small weights stay with ``F.linear``: a oneDNN call costs ~0.1 ms
+whatever its size.
 
 Everything else is ``F.linear`` unchanged: gradients, other devices and dtypes, and many rows
 (the image encoder; oneDNN with plain weights was faster at 1154 rows but slower at 577 here).
@@ -31,6 +33,9 @@ PACK_ROWS = 64  # up to this many rows the packed weight wins (1.1-4.6x measured
 # One row through a weight below this many entries: MKL's matrix-vector path (F.linear) is as fast
 # as a oneDNN call or faster (768 x 768: 0.11 vs 0.12-0.22 ms); above it (the LM head) oneDNN wins.
 GEMV_MAX_ENTRIES = 8_000_000
+# A oneDNN call costs ~0.1 ms however small the product: below this many weight entries (the tiny
+# preset's 64 x 256 layers: 0.02 ms with F.linear) it loses.
+MIN_ENTRIES = 1 << 18
 SMALL_ROWS = 4  # the fallback's few-row path (PyTorch without oneDNN)
 
 
@@ -76,7 +81,7 @@ def linear(
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if (rows == 0 or rows > PACK_ROWS or torch.is_grad_enabled() or x.device.type != "cpu"
             or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or (rows == 1 and weight.numel() < GEMV_MAX_ENTRIES)):
+            or weight.numel() < MIN_ENTRIES or (rows == 1 and weight.numel() < GEMV_MAX_ENTRIES)):
         return F.linear(x, weight, bias)
     if owner is not None and onednn_enabled():
         return _OP(x, _packed(owner, weight), bias, "none", [], "")
