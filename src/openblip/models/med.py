@@ -72,7 +72,13 @@ class Attention(nn.Module):
         self.output = AddNorm(cfg.width, cfg.width, cfg.layer_norm_eps, cfg.hidden_dropout)
 
     def kv(self, states: torch.Tensor) -> KV:
-        return _heads(self.self.key(states), self.heads), _heads(self.self.value(states), self.heads)
+        k, v = _heads(self.self.key(states), self.heads), _heads(self.self.value(states), self.heads)
+        if not torch.is_grad_enabled():
+            # Read again at every decoding step (and for every text scored against the image):
+            # CPU attention over contiguous (B,H,N,d) keys/values runs ~1.5x faster than over the
+            # transposed view (8 images x 577 tokens: 2.5 vs 3.9 ms a layer and step).
+            k, v = k.contiguous(), v.contiguous()
+        return k, v
 
     def _sdpa(self, q, k, v, mask, is_causal=False) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
