@@ -110,3 +110,19 @@ def test_small_weights_stay_with_f_linear(monkeypatch):
     with torch.no_grad():
         layer(torch.randn(3, 24))
     assert layer not in lin_mod._PACKED
+
+
+def test_cross_attention_keys_values_are_contiguous_for_inference():
+    import openblip
+
+    torch.manual_seed(0)
+    model = openblip.BlipModel(openblip.preset("tiny")).eval()
+    states = torch.randn(2, 17, model.cfg.vision.width)
+    with torch.no_grad():
+        k, v = model.decoder_cross_kv(states)[0]
+    assert k.shape == (2, model.cfg.text.heads, 17, model.cfg.text.width // model.cfg.text.heads)
+    assert k.is_contiguous() and v.is_contiguous()
+    k_grad, v_grad = model.decoder_cross_kv(states)[0]  # training keeps the view (no copy in the graph)
+    assert not k_grad.is_contiguous()
+    torch.testing.assert_close(k, k_grad.detach())
+    torch.testing.assert_close(v, v_grad.detach())
