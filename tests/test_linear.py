@@ -71,12 +71,16 @@ def test_packed_weight_is_cached_rebuilt_on_change_and_never_saved(path):
     pickle.dumps(layer)
 
 
-def test_switched_off_by_the_environment(monkeypatch):
-    monkeypatch.setenv("OPENBLIP_ONEDNN", "0")
-    assert not lin_mod.onednn_enabled()
+@pytest.mark.parametrize("why", ["switched off by OPENBLIP_ONEDNN=0", "weight below MIN_ENTRIES"])
+def test_nothing_is_packed(monkeypatch, why):
+    if why.startswith("switched"):
+        monkeypatch.setenv("OPENBLIP_ONEDNN", "0")
+        assert not lin_mod.onednn_enabled()
+    else:
+        monkeypatch.setattr(lin_mod, "MIN_ENTRIES", 24 * 40 + 1)
     layer = Linear(24, 40)
     with torch.no_grad():
-        layer(torch.randn(8, 24))
+        layer(torch.randn(8 if why.startswith("switched") else 3, 24))
     assert layer not in lin_mod._PACKED
 
 
@@ -102,14 +106,6 @@ def test_one_row_uses_onednn_only_for_large_weights(monkeypatch):
         for layer in (small, large):
             torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
     assert small not in lin_mod._PACKED and large in lin_mod._PACKED
-
-
-def test_small_weights_stay_with_f_linear(monkeypatch):
-    monkeypatch.setattr(lin_mod, "MIN_ENTRIES", 24 * 40 + 1)
-    layer = Linear(24, 40)
-    with torch.no_grad():
-        layer(torch.randn(3, 24))
-    assert layer not in lin_mod._PACKED
 
 
 def test_cross_attention_keys_values_are_contiguous_for_inference():

@@ -30,25 +30,28 @@ import torch
 
 from ..data.shards import expand_urls, iter_samples
 from ..images import ImageError, load_image
-from ..text import pre_caption
 from ..train.distributed import barrier
 from .filter import score_texts
 from .manifest import write_json
+from .run import IMAGE_EXTENSIONS, _web_text, image_member
 
 if TYPE_CHECKING:
     from ..api import Blip
 
-__all__ = ["CALIBRATION_FILE", "calibrate_threshold", "load_or_calibrate", "threshold_for_keep"]
+__all__ = ["CALIBRATION_FILE", "calibrate_threshold", "check_keep", "load_or_calibrate", "threshold_for_keep"]
 
 CALIBRATION_FILE = "calibration.json"
-MAX_WORDS = 30  # as run.py: texts are scored the way the filter saw them in training
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+
+
+def check_keep(keep: float) -> None:
+    """Raise ValueError unless ``keep`` is a share in (0, 1]."""
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(f"keep is the share of held-out human texts to keep, in (0, 1]; got {keep}")
 
 
 def threshold_for_keep(scores: Sequence[float], keep: float) -> float:
     """The largest threshold that keeps at least ``keep`` of ``scores`` (kept: score >= threshold)."""
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep is the share of held-out human texts to keep, in (0, 1]; got {keep}")
+    check_keep(keep)
     if not scores:
         raise ValueError("no held-out pairs to calibrate on")
     ordered = sorted(scores, reverse=True)
@@ -86,8 +89,7 @@ def calibrate_threshold(
     Raises:
         ValueError: ``keep`` outside (0, 1], or no usable pair in ``shards``.
     """
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep is the share of held-out human texts to keep, in (0, 1]; got {keep}")
+    check_keep(keep)
     paths = [p for source in expand_urls(shards) for p in source]
     skipped: Counter = Counter()
     items = _texts(paths, positive_key, limit, skipped)
@@ -129,8 +131,7 @@ def _texts(paths: list[str], positive_key: str | None, limit: int | None, skippe
     items: list[tuple[str, str, Any]] = []
     for path in paths:
         for sample in iter_samples(path, lazy=IMAGE_EXTENSIONS):
-            text = sample.get("txt")
-            text = pre_caption(text, MAX_WORDS) if isinstance(text, str) else ""
+            text = _web_text(sample)[1]  # cleaned as CapFilt cleans the texts it scores
             if not text:
                 skipped["no_text"] += 1
                 continue
@@ -166,7 +167,7 @@ def _image_batches(filter_blip: Blip, paths: list[str], wanted: set[str], batch_
             if key not in wanted:
                 continue
             wanted.discard(key)  # a key repeated in another shard is scored once
-            ext = next((e for e in IMAGE_EXTENSIONS if isinstance(sample.get(e), (bytes, bytearray))), None)
+            ext = image_member(sample)
             try:
                 if ext is None:
                     raise ImageError(key, "no image member")

@@ -122,7 +122,7 @@ class _Worker:
 
     def decode(self, sample: dict[str, Any]) -> _Decoded:
         """Load and transform a sample's image for both models, or say why it cannot be."""
-        ext = next((e for e in IMAGE_EXTENSIONS if isinstance(sample.get(e), (bytes, bytearray))), None)
+        ext = image_member(sample)
         if ext is None:
             return _Decoded(None, error="no image member (looked for " + ", ".join(IMAGE_EXTENSIONS) + ")")
         try:
@@ -147,6 +147,11 @@ class _Worker:
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
+
+
+def image_member(sample: dict[str, Any]) -> str | None:
+    """The extension of a sample's image member (the first of IMAGE_EXTENSIONS present), or None."""
+    return next((e for e in IMAGE_EXTENSIONS if isinstance(sample.get(e), (bytes, bytearray))), None)
 
 
 def input_shards(input_urls: str | Sequence[str]) -> list[str]:

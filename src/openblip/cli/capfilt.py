@@ -66,7 +66,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_capfilt_cli(args: argparse.Namespace) -> int:
     from ..capfilt import decide, input_shards, load_or_calibrate, run_capfilt, sampling_settings
-    from ..capfilt.calibrate import threshold_for_keep
+    from ..capfilt.calibrate import check_keep
     from ..data.shards import expand_urls
     from ..train.distributed import cleanup, init_distributed
 
@@ -81,7 +81,7 @@ def run_capfilt_cli(args: argparse.Namespace) -> int:
         decide(0.0, 0.5 if args.threshold is None else args.threshold)
         if args.calibrate is not None:
             expand_urls(args.calibrate)
-            threshold_for_keep([0.0], args.keep)
+            check_keep(args.keep)
     except (OSError, ValueError) as exc:
         raise CliError(str(exc)) from exc
     # Gloo even on GPUs: the only collective is the final barrier, which needs no tensors.
