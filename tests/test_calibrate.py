@@ -161,6 +161,8 @@ def test_bootstrap_config_checks_the_calibration_section():
         _config(**{"capfilt.calibrate": {"keep": 0.9}})
     with pytest.raises(BootstrapError, match="calibrate"):
         _config(**{"capfilt.calibrate": {"kep": 0.9}, "data.noisy_split.calibration_size": 4})
+    with pytest.raises(BootstrapError, match="keep"):
+        _config(**{"capfilt.calibrate": {"keep": 1.5}, "data.noisy_split.calibration_size": 4})
     with pytest.raises(BootstrapError, match="not both"):
         _config(**{"capfilt.calibrate": {"keep": 0.9}, "data.noisy_split.calibration_size": 4,
                    "capfilt.threshold": 0.5})

@@ -37,6 +37,7 @@ from ..data.shards import IMAGE_EXTENSIONS, expand_urls, iter_samples
 from ..data.stream import split_captions
 from ..train import distributed as dist
 from ..train.config import TrainConfig, load_train_config
+from .calibrate import check_keep
 from .compare import EvaluateError, check_eval_settings, compare, evaluate_models
 from .manifest import write_json
 from .noise import NoiseSettings, capfilt_precision_recall, make_noisy_split, read_capfilt_decisions, read_noise_flags
@@ -172,6 +173,10 @@ class BootstrapConfig:
         if not isinstance(calibrate, dict) or set(calibrate) - set(CALIBRATE_KEYS):
             raise BootstrapError(f"capfilt.calibrate: a section with {', '.join(CALIBRATE_KEYS)} (or null), got "
                                  f"{calibrate!r}")
+        try:
+            check_keep(calibrate.get("keep", 0.9))
+        except (TypeError, ValueError) as exc:
+            raise BootstrapError(f"capfilt.calibrate.keep: {exc}") from exc
         if self.capfilt.get("threshold") is not None:
             raise BootstrapError("capfilt: set threshold or calibrate, not both (--set capfilt.threshold=null)")
         split = self.data.get("noisy_split") or {}
