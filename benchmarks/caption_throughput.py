@@ -30,11 +30,11 @@ Timing: per cell, one short warm-up call per side (the cell's first batch,
 max_length min_length+1), then timed rounds with the sides interleaved (order
 rotated each round); the median is reported as images/s and the outputs of
 the first timed run are compared. Batch-1 cells caption the first image(s)
-one at a time; batch-8 cells caption all 8 at once. openblip bf16 is timed
-fewer times (default once per cell): on CPUs without native bf16 matmul
-(AVX2 only, no AVX512-BF16/AMX) bf16 GEMMs are several times slower than fp32.
+one at a time; batch-8 cells caption all 8 at once. openblip bf16 runs as
+many rounds as fp32 (``--bf16-repeats`` to change; on CPUs without bf16 matrix
+units it follows ``openblip.models.bf16``).
 
-A full run takes about 9 minutes on an idle 2-core machine (about 30 when
+A full run takes about 12 minutes on an idle 2-core machine (far longer when
 other jobs share it); ``--quick`` about 4.
 """
 
@@ -258,8 +258,7 @@ def run_cell(sides: dict, warmups: dict, repeats: dict[str, int]):
 def profile_beam3(hf, blips, px, min_len, top: int) -> str:
     """Beam 3: coarse split (vision vs decoding) and torch.profiler's top ops per side.
 
-    transformers and openblip fp32 at batch 8; openblip bf16 at batch 1 (it is slow on CPUs
-    without native bf16 matmul).
+    transformers and both openblip dtypes at batch 8.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -276,7 +275,7 @@ def profile_beam3(hf, blips, px, min_len, top: int) -> str:
                  f"+ decoding ~{hf_all - hf_vis:.2f} s")
     runs = [(f"transformers, batch {px.shape[0]}", hf_run)]
     for label, blip in blips.items():
-        x = (px if label == "fp32" else px[:1]).to(blip.dtype)
+        x = px.to(blip.dtype)
         run = ob_runner(blip, [x], beams, min_len)
         t0 = time.perf_counter()
         emb = blip.model.encode_image(x)
@@ -311,9 +310,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="1 timed round, 1 image at batch 1, bf16 only at batch 1")
     parser.add_argument("--out", default="benchmarks/results/caption_throughput.md")
     parser.add_argument("--repeats", type=int, help="timed rounds for the fp32 sides (default 3, quick 1)")
-    parser.add_argument("--bf16-repeats", type=int, default=1,
-                        help="timed runs for openblip bf16 per cell (default 1: bf16 is slow on CPUs without "
-                             "native bf16 matmul); 0 skips bf16")
+    parser.add_argument("--bf16-repeats", type=int,
+                        help="timed runs for openblip bf16 per cell (default: as many as fp32); 0 skips bf16")
     parser.add_argument("--b1-images", type=int, help="images captioned one by one in batch-1 cells (default 2, quick 1)")
     parser.add_argument("--profile", action="store_true",
                         help="only profile beam 3 (transformers and openblip fp32 at batch 8, bf16 at batch 1)")
@@ -322,7 +320,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     repeats = args.repeats or (1 if args.quick else 3)
     n_b1 = args.b1_images or (1 if args.quick else 2)
-    use_bf16 = args.bf16_repeats > 0
+    bf16_repeats = repeats if args.bf16_repeats is None else args.bf16_repeats
+    use_bf16 = bf16_repeats > 0
     command = "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv if argv is not None else sys.argv[1:])])
     started = time.perf_counter()
     info = machine_info()
@@ -369,9 +368,8 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     cast = [b.to(blip.dtype) for b in batches]
                     sides[f"openblip {dt}"] = ob_runner(blip, cast, beams, min_len)
-                    if dt == "fp32" or bs == 1:  # bf16 at batch 8: warmed by its batch-1 cell (saves minutes)
-                        warmups[f"openblip {dt}"] = ob_runner(blip, cast[:1], beams, min_len, warm_len)
-                    reps[f"openblip {dt}"] = repeats if dt == "fp32" else args.bf16_repeats
+                    warmups[f"openblip {dt}"] = ob_runner(blip, cast[:1], beams, min_len, warm_len)
+                    reps[f"openblip {dt}"] = repeats if dt == "fp32" else bf16_repeats
                 log(f"cell {label}, batch {bs} ({n} images); load average {loadavg()}")
                 times, outs, stable = run_cell(sides, warmups, reps)
                 med = {k: statistics.median(w for w, _ in v) for k, v in times.items()}
@@ -399,12 +397,12 @@ def main(argv: list[str] | None = None) -> int:
                 if "openblip bf16" in med:
                     t_16 = n / med["openblip bf16"]
                     agree = sum(a == b for a, b in zip(outs["openblip bf16"], fp32))
-                    row += [f"{t_16:.3f}", f"{t_16 / t_hf:.2f}x", f"{agree}/{n}"]
+                    row += [f"{t_16:.3f}", f"{t_16 / t_hf:.2f}x", f"{t_16 / t_32:.2f}x", f"{agree}/{n}"]
                     for i, (a, b) in enumerate(zip(fp32, outs["openblip bf16"])):
                         if a != b:
                             log(f"    bf16 differs on {IMAGES[i]}: fp32 {a!r} / bf16 {b!r}")
                 elif use_bf16:
-                    row += ["not run (--quick)", "", ""]
+                    row += ["not run (--quick)", "", "", ""]
                 rows.append(row)
                 log("  " + " | ".join(row))
                 for i, (a, b) in enumerate(zip(hf_txt, fp32)):
@@ -412,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
 
     header = ["decoding", "batch", "transformers img/s", "openblip fp32 img/s", "ratio", "outputs identical"]
     if use_bf16:
-        header += ["openblip bf16 img/s", "bf16 / transformers fp32", "bf16 captions = fp32"]
+        header += ["openblip bf16 img/s", "bf16 / transformers fp32", "bf16 / openblip fp32", "bf16 captions = fp32"]
     total = time.perf_counter() - started
     md = ["# Captioning throughput: openblip vs transformers", ""]
     md.append(f"Command: `{command}`  ")
@@ -438,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         "to text). Both under `torch.inference_mode()`.",
         f"- Timing: per cell, one short warm-up call per side (first batch, max_length min_length+1), then "
         f"{repeats} timed round(s) for transformers and openblip fp32"
-        + (f" and {args.bf16_repeats} for openblip bf16 (warmed up at batch 1 only)" if use_bf16 else "")
+        + (f" and {bf16_repeats} for openblip bf16" if use_bf16 else "")
         + ", sides interleaved (order rotated per round); median reported. Batch 1 captions the first "
         f"{n_b1} image(s) one at a time, batch 8 all {len(IMAGES)} in one call. Images/s = images / median seconds.",
         "- Outputs identical: transformers ids (leading [DEC] dropped, cut at the first [SEP]) decoded with openblip's "

@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import VisionConfig
+from . import bf16
 from .linear import Linear
 
 
@@ -39,7 +40,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B,3,S,S) -> (B,D,S/p,S/p) -> (B,S²/p²,D)
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return bf16.conv2d(x, self.proj).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -53,7 +54,7 @@ class Attention(nn.Module):
         b, n, d = x.shape
         # (B,N,3D) -> 3 x (B,H,N,d)
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = bf16.attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 
