@@ -32,7 +32,7 @@ rotated each round); the median is reported as images/s and the outputs of
 the first timed run are compared. Batch-1 cells caption the first image(s)
 one at a time; batch-8 cells caption all 8 at once. openblip bf16 runs as
 many rounds as fp32 (``--bf16-repeats`` to change; on CPUs without bf16 matrix
-units it follows ``openblip.models.bf16``).
+units it follows ``openblip.models.half``).
 
 A full run takes about 12 minutes on an idle 2-core machine (far longer when
 other jobs share it); ``--quick`` about 4.

@@ -58,8 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed; captions depend on (seed, key) only")
     p.add_argument("--manifest-format", choices=["auto", "jsonl", "parquet"], default="auto",
                    help="manifest file format (default: parquet when pyarrow is installed, else jsonl)")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                   help="precision (default: fp32); bf16 halves the weight memory (README: Speed)")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="precision (default: fp32); bf16 and fp16 halve the weight memory (README: Speed)")
     p.add_argument("--device", default=None, help="cpu, cuda ... (default: this rank's GPU if any)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(run=run_capfilt_cli)

@@ -20,8 +20,8 @@ def add_model_args(parser: argparse.ArgumentParser, default_model: str) -> None:
         default=default_model,
         help=f"hub id, transformers-format directory, official .pth or openblip directory (default: {default_model})",
     )
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
-                        help="precision (default: fp32); bf16 halves the weight memory (README: Speed)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="precision (default: fp32); bf16 and fp16 halve the weight memory (README: Speed)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--image-size", type=int, default=None, help="run at this image size (resizes positions)")
 

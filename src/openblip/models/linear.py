@@ -19,7 +19,7 @@ Results differ from ``F.linear`` by float rounding only (~1e-6). ``OPENBLIP_ONED
 environment switches the oneDNN path off; a PyTorch built without oneDNN falls back to
 ``weight @ x^T`` for 2-4 rows, which MKL handles better than ``F.linear``.
 
-bf16 inputs on a CPU without bf16 matrix units take the rules of ``openblip.models.bf16``.
+bf16 and fp16 inputs on a CPU without matrix units for them take the rules of ``openblip.models.half``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import bf16
+from . import half
 
 PACK_ROWS = 64  # up to this many rows the packed weight wins (1.1-4.6x measured at 3-48 rows)
 # One row through a weight below this many entries: MKL's matrix-vector path (F.linear) is as fast
@@ -83,8 +83,8 @@ def linear(
     path is not taken.
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows and weight.dtype == torch.bfloat16 and bf16.compute_in_fp32(x):
-        return _bf16_linear(x, weight, bias, owner, rows)
+    if rows and weight.dtype == x.dtype and half.compute_in_fp32(x):
+        return _half_linear(x, weight, bias, owner, rows)
     if (rows == 0 or rows > PACK_ROWS or torch.is_grad_enabled() or x.device.type != "cpu"
             or x.dtype != torch.float32 or weight.dtype != torch.float32
             or weight.numel() < MIN_ENTRIES or (rows == 1 and weight.numel() < GEMV_MAX_ENTRIES)):
@@ -98,16 +98,16 @@ def linear(
     return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
 
 
-def _bf16_linear(x, weight, bias, owner, rows: int) -> torch.Tensor:
-    """A bf16 product on a CPU without bf16 matrix units (see ``openblip.models.bf16``)."""
-    if rows <= bf16.NATIVE_ROWS:
+def _half_linear(x, weight, bias, owner, rows: int) -> torch.Tensor:
+    """A bf16/fp16 product on a CPU without matrix units for it (see ``openblip.models.half``)."""
+    if rows <= half.NATIVE_ROWS:
         return F.linear(x, weight, bias)
     bias32 = bias.float() if bias is not None else None
     if rows <= PACK_ROWS and owner is not None and onednn_enabled() and weight.numel() >= MIN_ENTRIES:
         out = _OP(x.float(), _packed(owner, weight), bias32, "none", [], "")  # packed fp32 copy, as for fp32
     else:
         out = F.linear(x.float(), weight.float(), bias32)
-    return out.to(torch.bfloat16)
+    return out.to(x.dtype)
 
 
 class Linear(nn.Linear):

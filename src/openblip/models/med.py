@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import TextConfig
-from . import bf16
+from . import half
 from .linear import Linear, linear
 
 KV = tuple[torch.Tensor, torch.Tensor]
@@ -79,13 +79,13 @@ class Attention(nn.Module):
             # CPU attention over contiguous (B,H,N,d) keys/values runs ~1.5x faster than over the
             # transposed view (8 images x 577 tokens: 2.5 vs 3.9 ms a layer and step).
             k, v = k.contiguous(), v.contiguous()
-            if bf16.compute_in_fp32(k):  # read at every step: keep them in the dtype attention runs in
+            if half.compute_in_fp32(k):  # read at every step: keep them in the dtype attention runs in
                 k, v = k.float(), v.float()
         return k, v
 
     def _sdpa(self, q, k, v, mask, is_causal=False) -> torch.Tensor:
         p = self.dropout if self.training else 0.0
-        return bf16.attention(q, k, v, mask, p, is_causal)
+        return half.attention(q, k, v, mask, p, is_causal)
 
     def self_attend(
         self, x: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, past: KV | None

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import VisionConfig
-from . import bf16
+from . import half
 from .linear import Linear
 
 
@@ -40,7 +40,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B,3,S,S) -> (B,D,S/p,S/p) -> (B,S²/p²,D)
-        return bf16.conv2d(x, self.proj).flatten(2).transpose(1, 2)
+        return half.conv2d(x, self.proj).flatten(2).transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -54,7 +54,7 @@ class Attention(nn.Module):
         b, n, d = x.shape
         # (B,N,3D) -> 3 x (B,H,N,d)
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        out = bf16.attention(q, k, v)
+        out = half.attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 
 

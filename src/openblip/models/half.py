@@ -1,31 +1,33 @@
-"""bfloat16 inference on CPUs without bf16 matrix units.
+"""Half-precision (bf16, fp16) inference on CPUs without matrix units for it.
 
-On a CPU with AVX512-BF16 or AMX, PyTorch's bf16 products run on oneDNN kernels made for them.
-Elsewhere (AVX2 machines, many laptops and cloud VMs) they fall back to generic code. Measured on a
+On a CPU with AVX512-BF16 or AMX, PyTorch's bf16 products run on oneDNN kernels made for them
+(AVX512-FP16 / AMX-FP16 for fp16). Elsewhere (AVX2 machines, many laptops and cloud VMs) they
+fall back to generic code. Measured on a
 2-core AVX2 EPYC (torch 2.13): a 577 x 768 x 3072 product takes 167 ms in bf16 against 32 ms in
 fp32, the 16-pixel patch convolution of one 384 px image 380 ms against 6 ms, and attention of 8
-queries over 577 image tokens 4.9 ms against 1.1 ms. Only one kind of bf16 kernel is good there:
+queries over 577 image tokens 4.9 ms against 1.1 ms; fp16 is as slow (137 ms for a 577 x 768 x 3072
+product, 338 ms for the convolution). Only one kind of bf16 kernel is good there:
 one or two rows times a weight (matrix-vector products, bound by reading the weight, which bf16
 halves): one row through BLIP-base's text decoder and LM head, weights read from memory, takes
 20 ms against 41 ms with fp32 weights, two rows 32 ms against 43; from three rows on, the fp32
 products of ``openblip.models.linear`` are as fast or faster.
 
-So on such CPUs, without gradients, a bf16 model keeps its bf16 weights and bf16 activations
-between layers but:
+So on such CPUs, without gradients, a bf16 (or fp16) model keeps its half-precision weights and
+activations between layers but:
 
-* products of one or two rows use the bf16 kernel (the decoding step of greedy search on one or
+* products of one or two rows use the half-precision kernel (the decoding step of greedy search on one or
   two images);
 * larger products, attention and the patch convolution compute in fp32 from the bf16 values
-  (exactly representable in fp32) and round the result to bf16, as a bf16 kernel with fp32
+  (exactly representable in fp32) and round the result to the model's dtype, as a kernel with fp32
   accumulation would; products of 3-64 rows (batched or beam decoding) use the packed fp32 weight
   copies of ``openblip.models.linear``, so that decoding holds an fp32 copy of the decoder's
   weights, as an fp32 model does;
 * image (cross-attention) keys and values are kept in fp32, since they are read at every step.
 
-The results are bf16 results (within bf16 rounding of a native kernel's), not fp32 ones. Training
-(gradients enabled) and other devices are unchanged. ``OPENBLIP_BF16_FP32=0`` turns this off (every
-bf16 product then runs on PyTorch's own bf16 kernels); ``=1`` turns it on even on a CPU with native
-bf16 support.
+The results are half-precision results (within rounding of a native kernel's), not fp32 ones.
+Training (gradients enabled) and other devices are unchanged. ``OPENBLIP_HALF_IN_FP32=0`` turns this
+off (every product then runs on PyTorch's own half-precision kernels); ``=1`` turns it on even on a
+CPU with native support.
 """
 
 from __future__ import annotations
@@ -36,12 +38,14 @@ import os
 import torch
 import torch.nn.functional as F
 
-NATIVE_ROWS = 2  # up to this many rows the bf16 kernel beats fp32 on AVX2 (it reads half the bytes)
+NATIVE_ROWS = 2  # up to this many rows the half-precision kernel beats fp32 on AVX2 (half the bytes)
+HALF = (torch.bfloat16, torch.float16)
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_has_native_bf16() -> bool:
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+@functools.lru_cache(maxsize=2)
+def _cpu_has_native(dtype: torch.dtype) -> bool:
+    name = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+    check = getattr(torch.ops.mkldnn, name, None)
     try:
         return bool(check()) if check is not None else False
     except RuntimeError:
@@ -49,13 +53,13 @@ def _cpu_has_native_bf16() -> bool:
 
 
 def compute_in_fp32(x: torch.Tensor) -> bool:
-    """True when ``x``'s bf16 product should be computed in fp32 (see the module docstring)."""
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or torch.is_grad_enabled():
+    """True when a product of half-precision ``x`` should be computed in fp32 (see the module docstring)."""
+    if x.dtype not in HALF or x.device.type != "cpu" or torch.is_grad_enabled():
         return False
-    setting = os.environ.get("OPENBLIP_BF16_FP32", "auto")
+    setting = os.environ.get("OPENBLIP_HALF_IN_FP32", "auto")
     if setting == "0":
         return False
-    return setting == "1" or not _cpu_has_native_bf16()
+    return setting == "1" or not _cpu_has_native(x.dtype)
 
 
 def attention(
@@ -66,7 +70,7 @@ def attention(
     dropout_p: float = 0.0,
     is_causal: bool = False,
 ) -> torch.Tensor:
-    """``F.scaled_dot_product_attention``, in fp32 for bf16 queries where :func:`compute_in_fp32`.
+    """``F.scaled_dot_product_attention``, in fp32 for half-precision queries where :func:`compute_in_fp32`.
 
     Keys and values may already be fp32 (image keys/values, see ``med.Attention.kv``).
     """
@@ -78,7 +82,7 @@ def attention(
 
 
 def conv2d(x: torch.Tensor, conv: torch.nn.Conv2d) -> torch.Tensor:
-    """``conv(x)``, in fp32 for bf16 input where :func:`compute_in_fp32`."""
+    """``conv(x)``, in fp32 for half-precision input where :func:`compute_in_fp32`."""
     if not compute_in_fp32(x):
         return conv(x)
     bias = conv.bias.float() if conv.bias is not None else None
