@@ -204,6 +204,39 @@ def test_missing_key_is_named(tmp_path, official_sd):
         load_model(pth, strict=False)
 
 
+def test_weights_missing_from_a_checkpoint_are_initialised(tmp_path, official_sd):
+    """Loading skips random initialisation only when the checkpoint sets every weight."""
+    key = "text_decoder.bert.encoder.layer.1.output.dense.weight"
+    kept = official_sd["text_decoder.bert.encoder.layer.0.output.dense.weight"].clone()
+    del official_sd[key]
+    with pytest.warns(UserWarning, match=key):
+        model, _ = load_model(save_official(official_sd, tmp_path / "m.pth"), strict=False)
+    weight = model.state_dict()[key]
+    assert weight.isfinite().all() and 0.015 < weight.std() < 0.025  # BERT's normal(0, 0.02), not unset memory
+    assert torch.equal(model.state_dict()["text_decoder.bert.encoder.layer.0.output.dense.weight"], kept)
+
+
+def test_no_init_draws_nothing_and_is_per_thread():
+    import threading
+
+    from openblip import BlipModel, preset
+    from openblip.models.skip_init import init_skipped, no_init
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    cfg = preset("tiny")
+    cfg.has_itc = cfg.has_itm = False  # their heads are plain nn.Linear, initialised as usual
+    with no_init():
+        BlipModel(cfg)
+        seen = []
+        worker = threading.Thread(target=lambda: seen.append(init_skipped()))
+        worker.start()
+        worker.join()
+    assert torch.equal(torch.get_rng_state(), state) and seen == [False] and not init_skipped()
+    BlipModel(cfg)
+    assert not torch.equal(torch.get_rng_state(), state)
+
+
 def test_unexpected_key_is_named(tmp_path, official_sd):
     official_sd["text_decoder.bert.pooler.dense.weight"] = torch.zeros(64, 64)
     pth = save_official(official_sd, tmp_path / "m.pth")

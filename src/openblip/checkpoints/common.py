@@ -18,6 +18,7 @@ import torch
 
 from ..config import BlipConfig
 from ..models.blip import BlipModel
+from ..models.skip_init import no_init
 from ..models.vit import resize_pos_embed
 
 logger = logging.getLogger("openblip.checkpoints")
@@ -203,7 +204,10 @@ def build_model(
     """Build ``BlipModel(cfg)`` in eval mode and load ``sd`` (resized to ``image_size``)."""
     sd = drop_unused_parts(sd, cfg)
     resize_image_size(sd, cfg, image_size)
-    model = BlipModel(cfg)
+    with no_init():  # every weight is about to be overwritten: do not draw them first
+        model = BlipModel(cfg)
+    if check_keys(model, sd, may_miss=may_miss)[0]:
+        model = BlipModel(cfg)  # some weights keep their initial values: draw them after all
     load_state(model, sd, strict=strict, may_miss=may_miss)
     return model.eval()
 

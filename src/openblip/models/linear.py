@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import half
+from .skip_init import init_skipped
 
 PACK_ROWS = 64  # up to this many rows the packed weight wins (1.1-4.6x measured at 3-48 rows)
 # One row through a weight below this many entries: MKL's matrix-vector path (F.linear) is as fast
@@ -111,7 +112,14 @@ def _half_linear(x, weight, bias, owner, rows: int) -> torch.Tensor:
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters and state-dict names) computed by :func:`linear`."""
+    """``nn.Linear`` (same parameters and state-dict names) computed by :func:`linear`.
+
+    Its initialisation is skipped inside ``openblip.models.skip_init.no_init``.
+    """
+
+    def reset_parameters(self) -> None:
+        if not init_skipped():
+            super().reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self)

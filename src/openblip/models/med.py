@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import TextConfig
 from . import half
 from .linear import Linear, linear
+from .skip_init import Embedding, init_skipped
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -156,8 +157,8 @@ class TextEmbeddings(nn.Module):
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
-        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.width, padding_idx=cfg.pad_token_id)
-        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.width)
+        self.word_embeddings = Embedding(cfg.vocab_size, cfg.width, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = Embedding(cfg.max_position_embeddings, cfg.width)
         self.LayerNorm = nn.LayerNorm(cfg.width, eps=cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.hidden_dropout)
 
@@ -268,7 +269,7 @@ class Predictions(nn.Module):
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
         self.transform = PredictionTransform(cfg)
-        self.decoder = nn.Linear(cfg.width, cfg.vocab_size, bias=False)
+        self.decoder = Linear(cfg.width, cfg.vocab_size, bias=False)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -331,6 +332,8 @@ class TextDecoder(nn.Module):
 
 def init_bert_weights(module: nn.Module, std: float = 0.02) -> None:
     """BERT initialisation: normal(0, std) for linear and embedding weights."""
+    if init_skipped():
+        return
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, std=std)

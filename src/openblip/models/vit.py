@@ -16,6 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import VisionConfig
 from . import half
 from .linear import Linear
+from .skip_init import Conv2d, init_skipped
 
 
 class DropPath(nn.Module):
@@ -36,7 +37,7 @@ class DropPath(nn.Module):
 class PatchEmbed(nn.Module):
     def __init__(self, patch_size: int, width: int) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
+        self.proj = Conv2d(3, width, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (B,3,S,S) -> (B,D,S/p,S/p) -> (B,S²/p²,D)
@@ -100,6 +101,8 @@ class VisionTransformer(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
+        if init_skipped():
+            return
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         for m in self.modules():
