@@ -173,8 +173,10 @@ def check_keys(model: BlipModel, sd: StateDict, *, may_miss: tuple[str, ...] = (
     return missing, [k for k in extra if not tolerated_reason(k)]
 
 
-def load_state(model: BlipModel, sd: StateDict, *, strict: bool = True, may_miss: tuple[str, ...] = ()) -> None:
-    """Copy ``sd`` into ``model`` after :func:`check_keys`.
+def load_state(
+    model: BlipModel, sd: StateDict, *, strict: bool = True, may_miss: tuple[str, ...] = (), assign: bool = False
+) -> None:
+    """Copy ``sd`` into ``model`` after :func:`check_keys` (with ``assign``, adopt its tensors instead).
 
     Mis-shaped keys always raise; missing (except ``may_miss``) and unexpected keys
     raise when ``strict`` and only warn otherwise.
@@ -189,8 +191,35 @@ def load_state(model: BlipModel, sd: StateDict, *, strict: bool = True, may_miss
         raise CheckpointError("checkpoint does not match the model: " + "; ".join(problems))
     for problem in problems:
         warnings.warn(f"checkpoint does not match the model (strict=False): {problem}", stacklevel=4)
+    if assign:
+        _adopt(model, sd)
+        return
     expected = model.state_dict().keys()
     model.load_state_dict({k: v for k, v in sd.items() if k in expected}, strict=False)
+
+
+def _adopt(model: torch.nn.Module, sd: StateDict) -> None:
+    """Make the checkpoint's tensors the model's parameters, without copying them.
+
+    Loading by copy holds the weights twice at its peak (the checkpoint's and the model's);
+    adopting them holds them once. Each tied group gets one parameter object, so ties stay
+    ties; a name the checkpoint lacks keeps the model's own tensor.
+    """
+    current = model.state_dict(keep_vars=True)
+    for names in _alias_groups(model).values():
+        source = next((sd[n] for n in names if n in sd), None)
+        if source is None:
+            continue
+        old = current[names[0]]
+        value = source.detach().to(old.dtype).contiguous()  # no copy when already so
+        new = torch.nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else value
+        for name in names:
+            path, _, attr = name.rpartition(".")
+            owner = model.get_submodule(path)
+            if attr in owner._parameters:
+                owner._parameters[attr] = new
+            else:
+                owner._buffers[attr] = value
 
 
 def build_model(
@@ -208,7 +237,7 @@ def build_model(
         model = BlipModel(cfg)
     if check_keys(model, sd, may_miss=may_miss)[0]:
         model = BlipModel(cfg)  # some weights keep their initial values: draw them after all
-    load_state(model, sd, strict=strict, may_miss=may_miss)
+    load_state(model, sd, strict=strict, may_miss=may_miss, assign=True)
     return model.eval()
 
 
