@@ -168,6 +168,20 @@ def test_wrong_task_gives_a_clear_error(photos, models):
         blip.match(photos / "chelsea.png", "a cat")
 
 
+def test_bad_decoding_and_vqa_arguments_are_refused(photos, models, capsys):
+    blip, vqa = openblip.load(models / "pretrain"), openblip.load(models / "vqa")
+    with pytest.raises(ValueError, match="num_beams must be at least 1, got 0"):
+        blip.caption(photos / "chelsea.png", num_beams=0)
+    with pytest.raises(ValueError, match="the question is empty once cleaned"):
+        vqa.answer(photos / "chelsea.png", " !.; ")
+    with pytest.raises(ValueError, match="question 1 is empty"):
+        vqa.answer([photos / "chelsea.png"] * 2, ["what is it?", ""], clean_question=False)
+    with pytest.raises(ValueError, match="k .* at least 1"):
+        vqa.answer(photos / "chelsea.png", "what is it?", answers=["cat"], k=0)
+    assert main(["vqa", str(photos / "chelsea.png"), "", "--model", str(models / "vqa")]) == 2
+    assert "the question is empty" in capsys.readouterr().err
+
+
 def test_unloadable_model_is_a_usage_error(tmp_path, photos, capsys):
     code = main(["caption", str(photos / "chelsea.png"), "--model", str(tmp_path / "nowhere")])
     assert code == 2

@@ -188,6 +188,8 @@ class Blip:
     ) -> tuple[list[int], GenerationConfig]:
         """Prompt ids and decoding settings for :meth:`caption_pixels` (arguments as :meth:`caption`)."""
         prompt = self.default_prompt if prompt is None else prompt
+        if num_beams < 1:  # checked here: max(num_beams, num_captions) below would hide it
+            raise ValueError(f"num_beams must be at least 1, got {num_beams}")
         gen = GenerationConfig(
             max_length=max_length,
             min_length=min_length,
@@ -302,6 +304,12 @@ class Blip:
             raise ValueError(f"got {len(items)} images but {len(qs)} questions; give one question per image")
         if clean_question:
             qs = [pre_question(q) for q in qs]
+        empty = [i for i, q in enumerate(qs) if not q.strip()]
+        if empty:
+            which = "the question" if q_single else f"question {empty[0]}"
+            raise ValueError(f"{which} is empty" + (" once cleaned (pre_question)" if clean_question else ""))
+        if k < 1:
+            raise ValueError(f"k (candidates kept by first token) must be at least 1, got {k}")
         if self.model.cfg.decoder_cross != "question":
             raise ValueError("answer() needs a VQA model (e.g. Salesforce/blip-vqa-base or model_base_vqa_capfilt_large.pth)")
         if answers is not None and len(answers) == 0:
