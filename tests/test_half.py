@@ -24,7 +24,7 @@ def dtype(request):
 def emulated(monkeypatch):
     """Behave as on a CPU without native bf16 or fp16, whatever this one has."""
     monkeypatch.delenv("OPENBLIP_HALF_IN_FP32", raising=False)
-    monkeypatch.setattr(half, "_cpu_has_native", lambda dtype: False)
+    monkeypatch.setattr(half, "cpu_has_native", lambda dtype: False)
 
 
 def test_when_half_products_compute_in_fp32(emulated, monkeypatch, dtype):
@@ -35,12 +35,12 @@ def test_when_half_products_compute_in_fp32(emulated, monkeypatch, dtype):
         monkeypatch.setenv("OPENBLIP_HALF_IN_FP32", "0")
         assert not half.compute_in_fp32(x)
         monkeypatch.setenv("OPENBLIP_HALF_IN_FP32", "1")
-        monkeypatch.setattr(half, "_cpu_has_native", lambda dtype: True)
+        monkeypatch.setattr(half, "cpu_has_native", lambda dtype: True)
         assert half.compute_in_fp32(x)
         monkeypatch.delenv("OPENBLIP_HALF_IN_FP32")
         assert not half.compute_in_fp32(x)  # native support: PyTorch's own kernels
     with torch.enable_grad():
-        monkeypatch.setattr(half, "_cpu_has_native", lambda dtype: False)
+        monkeypatch.setattr(half, "cpu_has_native", lambda dtype: False)
         assert not half.compute_in_fp32(x)  # training is left alone
 
 

@@ -65,6 +65,19 @@ def _image():
     return shape_image("red", "circle")
 
 
+def test_bf16_autocast_trains_and_warns_where_it_is_slow(shards, tmp_path, monkeypatch):
+    from openblip.train import loop
+
+    monkeypatch.setattr(loop, "cpu_has_native", lambda dtype: False)
+    with pytest.warns(UserWarning, match="bf16 autocast on a CPU without bf16 matrix units"):
+        train(_cfg(max_steps=2, precision="bf16"), shards, tmp_path / "run", progress=False)
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run/log.jsonl").read_text().splitlines()
+              if '"loss"' in line]
+    assert len(losses) == 2 and all(0 < x < 100 for x in losses)
+    weights = load_file(str(tmp_path / "run/model.safetensors"))
+    assert all(w.dtype == torch.float32 and w.isfinite().all() for w in weights.values())  # fp32 master weights
+
+
 def test_grad_accumulation_is_refused_for_contrastive_objectives(shards, tmp_path):
     with pytest.raises(ValueError, match="in-batch negatives"):
         train(_cfg(grad_accum=2), shards, tmp_path / "acc", progress=False)

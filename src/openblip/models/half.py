@@ -43,7 +43,8 @@ HALF = (torch.bfloat16, torch.float16)
 
 
 @functools.lru_cache(maxsize=2)
-def _cpu_has_native(dtype: torch.dtype) -> bool:
+def cpu_has_native(dtype: torch.dtype) -> bool:
+    """True when this CPU's oneDNN has fast kernels for ``dtype`` (bf16 or fp16)."""
     name = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
     check = getattr(torch.ops.mkldnn, name, None)
     try:
@@ -59,7 +60,7 @@ def compute_in_fp32(x: torch.Tensor) -> bool:
     setting = os.environ.get("OPENBLIP_HALF_IN_FP32", "auto")
     if setting == "0":
         return False
-    return setting == "1" or not _cpu_has_native(x.dtype)
+    return setting == "1" or not cpu_has_native(x.dtype)
 
 
 def attention(

@@ -13,6 +13,7 @@ import inspect
 import json
 import sys
 import time
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from ..models.half import cpu_has_native
 from . import distributed as dist
 from .config import TrainConfig
 from .schedule import LRScheduler
@@ -98,6 +100,10 @@ class Trainer:
                 "contrastive loss uses in-batch negatives and a queue that depend on the micro-batch. Use a smaller "
                 "--batch-size, more processes (torchrun), or --grad-checkpointing to fit memory instead."
             )
+        if cfg.precision == "bf16" and self.info.device.type == "cpu" and not cpu_has_native(torch.bfloat16):
+            warnings.warn("bf16 autocast on a CPU without bf16 matrix units (AVX512-BF16/AMX) runs on generic "
+                          "kernels, several times slower than fp32 (docs/pretraining.md); use --precision fp32",
+                          stacklevel=2)
         params = [p for p in task.parameters() if p.requires_grad]
         # Weight decay on every parameter, as all BLIP recipes (reference L.9).
         self.optimizer = torch.optim.AdamW(params, lr=cfg.schedule.init_lr, weight_decay=cfg.weight_decay,
