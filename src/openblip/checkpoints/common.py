@@ -212,7 +212,9 @@ def _adopt(model: torch.nn.Module, sd: StateDict) -> None:
             continue
         old = current[names[0]]
         value = source.detach().to(old.dtype).contiguous()  # no copy when already so
-        new = torch.nn.Parameter(value, requires_grad=old.requires_grad) if isinstance(old, torch.nn.Parameter) else value
+        new = value
+        if isinstance(old, torch.nn.Parameter):
+            new = torch.nn.Parameter(value, requires_grad=old.requires_grad)
         for name in names:
             path, _, attr = name.rpartition(".")
             owner = model.get_submodule(path)
