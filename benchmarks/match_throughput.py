@@ -151,10 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     info = machine_info()
     md = ["# Image-text matching: openblip vs transformers", "",
           f"Command: `python benchmarks/match_throughput.py --texts {args.texts} --repeats {args.repeats}`  ",
-          f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch threads']} threads), "
-          f"transformers {info['transformers']}  ",
-          f"Run: {time.strftime('%Y-%m-%d')}; {len(images)} photos x {len(texts)} texts = {pairs} pairs, "
-          "ITM probability and ITC cosine for each, from PIL images.", "",
+          (f"Machine: {info['cpu']}, {info['cores']} cores, torch {info['torch']} ({info['torch threads']} threads), "
+           f"transformers {info['transformers']}  "),
+          (f"Run: {time.strftime('%Y-%m-%d')}; {len(images)} photos x {len(texts)} texts = {pairs} pairs, "
+           "ITM probability and ITC cosine for each, from PIL images."), "",
           "| side | seconds (median) | pairs/s | openblip speed-up | max abs diff ITM / ITC vs transformers |",
           "|---|---|---|---|---|"]
     for name in sides:
@@ -164,8 +164,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"| {diff} |")
     md += ["", f"Median of {args.repeats} interleaved rounds after one warm-up call per side; per-round seconds: "
            + "; ".join(f"{n}: " + ", ".join(f"{t:.2f}" for t in v) for n, v in times.items()) + ".",
-           f"ITM probabilities range over [{ref_itm.min():.2f}, {ref_itm.max():.2f}] (random weights, "
-           f"std {SPREAD}/sqrt(fan_in)); differences are against the image-once transformers side."]
+           (f"ITM probabilities range over [{ref_itm.min():.2f}, {ref_itm.max():.2f}] (random weights, "
+            f"std {SPREAD}/sqrt(fan_in)); differences are against the image-once transformers side.")]
     text = "\n".join(md) + "\n"
     print(text)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
