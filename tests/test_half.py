@@ -11,7 +11,7 @@ from openblip import BlipModel, preset
 from openblip.checkpoints import save_model
 from openblip.models import half
 from openblip.models import linear as lin_mod
-from openblip.models.linear import PACK_ROWS, Linear
+from openblip.models.linear import MANY_ROWS, PACK_ROWS, Linear
 from openblip.tokenizer import BlipTokenizer
 
 
@@ -44,7 +44,7 @@ def test_when_half_products_compute_in_fp32(emulated, monkeypatch, dtype):
         assert not half.compute_in_fp32(x)  # training is left alone
 
 
-@pytest.mark.parametrize("rows", [1, half.NATIVE_ROWS, half.NATIVE_ROWS + 1, PACK_ROWS, PACK_ROWS + 1, 300])
+@pytest.mark.parametrize("rows", [1, half.NATIVE_ROWS, half.NATIVE_ROWS + 1, PACK_ROWS, PACK_ROWS + 1, 300, MANY_ROWS])
 def test_linear_kernel_by_row_count(emulated, monkeypatch, rows, dtype):
     monkeypatch.setattr(lin_mod, "MIN_ENTRIES", 0)  # small test weights take the paths real ones do
     torch.manual_seed(0)
@@ -57,7 +57,7 @@ def test_linear_kernel_by_row_count(emulated, monkeypatch, rows, dtype):
     assert out.dtype == dtype and out.shape == (rows, 40)
     if rows <= half.NATIVE_ROWS:
         assert torch.equal(out, native)
-    elif rows > PACK_ROWS or not lin_mod.onednn_enabled():
+    elif PACK_ROWS < rows < MANY_ROWS or not lin_mod.onednn_enabled():
         assert torch.equal(out, in_fp32.to(dtype))
     else:  # oneDNN's fp32 product, rounded to bf16: within one half-precision step of F.linear's
         torch.testing.assert_close(out.float(), in_fp32, atol=0.0, rtol=2**-7)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from openblip.models import linear as lin_mod
-from openblip.models.linear import PACK_ROWS, Linear, linear
+from openblip.models.linear import MANY_ROWS, PACK_ROWS, Linear, linear
 
 
 @pytest.fixture(autouse=True)
@@ -17,7 +17,8 @@ def small_weights_count(monkeypatch):
     monkeypatch.setattr(lin_mod, "MIN_ENTRIES", 0)
 
 
-SHAPES = [(1, 1, 24), (3, 1, 24), (2, 2, 24), (5, 24), (0, 24), (2, PACK_ROWS, 24)]
+SHAPES = [(1, 1, 24), (3, 1, 24), (2, 2, 24), (5, 24), (0, 24), (2, PACK_ROWS, 24), (PACK_ROWS + 1, 24),
+          (2, MANY_ROWS // 2, 24), (3, MANY_ROWS // 2 + 1, 24)]
 
 
 @pytest.fixture(params=["onednn", "fallback"])
@@ -106,6 +107,19 @@ def test_one_row_uses_onednn_only_for_large_weights(monkeypatch):
         for layer in (small, large):
             torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
     assert small not in lin_mod._PACKED and large in lin_mod._PACKED
+
+
+@pytest.mark.parametrize("rows,packs", [(2, True), (PACK_ROWS, True), (PACK_ROWS + 1, False),
+                                       (MANY_ROWS - 1, False), (MANY_ROWS, True), (3 * MANY_ROWS, True)])
+def test_row_counts_that_use_the_packed_weight(rows, packs):
+    if not lin_mod.onednn_enabled():
+        pytest.skip("this PyTorch has no oneDNN linear")
+    torch.manual_seed(0)
+    layer = Linear(24, 40)
+    x = torch.randn(rows, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    assert (layer in lin_mod._PACKED) == packs
 
 
 def test_cross_attention_keys_values_are_contiguous_for_inference():

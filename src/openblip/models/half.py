@@ -19,9 +19,9 @@ activations between layers but:
   two images);
 * larger products, attention and the patch convolution compute in fp32 from the bf16 values
   (exactly representable in fp32) and round the result to the model's dtype, as a kernel with fp32
-  accumulation would; products of 3-64 rows (batched or beam decoding) use the packed fp32 weight
-  copies of ``openblip.models.linear``, so that decoding holds an fp32 copy of the decoder's
-  weights, as an fp32 model does;
+  accumulation would; products of 3-64 rows (batched or beam decoding) and of 1,024 rows or more (the
+  image encoder on several images) use the packed fp32 weight copies of ``openblip.models.linear``,
+  and hold them in memory, as an fp32 model does;
 * image (cross-attention) keys and values are kept in fp32, since they are read at every step.
 
 The results are half-precision results (within rounding of a native kernel's), not fp32 ones.

@@ -1,4 +1,4 @@
-"""Inference matrix products on CPU: the few rows of a decoding step through oneDNN.
+"""Inference matrix products on CPU: decoding steps and multi-image batches through oneDNN.
 
 A decoding step multiplies a few rows (one token per image or beam) by every weight matrix. On
 CPU the MKL GEMM behind ``F.linear`` handles 2-64 rows badly; oneDNN (PyTorch's ``mkldnn``
@@ -9,12 +9,13 @@ instead of 34.8 ms. So, without gradients, on CPU, in fp32, for 2-64 rows throug
 least 2^18 entries (and for one row through a weight of 8M entries or more, i.e. the LM head: for
 smaller ones MKL's matrix-vector path is faster), ``linear`` uses a oneDNN copy of the weight packed
 on first use and cached per module. Small weights stay with ``F.linear``: a oneDNN call costs ~0.1 ms
-whatever its size.
+whatever its size. The packed weight wins again from 1,024 rows on, the image encoder on two or more
+images (ViT-B/16 on 16 images at 384 px: 17.2 s instead of 20.6), but not at one image's 577 rows.
 
-Everything else is ``F.linear`` unchanged: gradients, other devices and dtypes, and many rows
-(the image encoder; oneDNN with plain weights was faster at 1154 rows but slower at 577 here).
+Everything else is ``F.linear`` unchanged: gradients, other devices and dtypes, 65-1,023 rows.
 The cached copies cost the memory of the weights they pack (the text decoder's ~550 MB at
-BLIP-base size when captioning); a copy is rebuilt when its weight changes and is never saved.
+BLIP-base size when captioning, the ViT-B's ~340 MB when encoding several images at once); a copy
+is rebuilt when its weight changes and is never saved.
 Results differ from ``F.linear`` by float rounding only (~1e-6). ``OPENBLIP_ONEDNN=0`` in the
 environment switches the oneDNN path off; a PyTorch built without oneDNN falls back to
 ``weight @ x^T`` for 2-4 rows, which MKL handles better than ``F.linear``.
@@ -35,6 +36,10 @@ from . import half
 from .skip_init import init_skipped
 
 PACK_ROWS = 64  # up to this many rows the packed weight wins (1.1-4.6x measured at 3-48 rows)
+# From this many rows on (the image encoder on two or more images: 577 tokens each) the packed weight
+# wins again: the ViT-B/16 encoder on 16 images at 384 px took 17.2 s instead of 20.6 (median of 4).
+# In between (one image's 577 tokens, text batches) MKL is as fast or faster.
+MANY_ROWS = 1024
 # One row through a weight below this many entries: MKL's matrix-vector path (F.linear) is as fast
 # as a oneDNN call or faster (768 x 768: 0.11 vs 0.12-0.22 ms); above it (the LM head) oneDNN wins.
 GEMV_MAX_ENTRIES = 8_000_000
@@ -86,13 +91,13 @@ def linear(
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if rows and weight.dtype == x.dtype and half.compute_in_fp32(x):
         return _half_linear(x, weight, bias, owner, rows)
-    if (rows == 0 or rows > PACK_ROWS or torch.is_grad_enabled() or x.device.type != "cpu"
+    if (rows == 0 or PACK_ROWS < rows < MANY_ROWS or torch.is_grad_enabled() or x.device.type != "cpu"
             or x.dtype != torch.float32 or weight.dtype != torch.float32
             or weight.numel() < MIN_ENTRIES or (rows == 1 and weight.numel() < GEMV_MAX_ENTRIES)):
         return F.linear(x, weight, bias)
     if owner is not None and onednn_enabled():
         return _OP(x, _packed(owner, weight), bias, "none", [], "")
-    if rows > SMALL_ROWS:
+    if rows > SMALL_ROWS:  # only 2-4 rows gain from the fallback's matrix-vector form
         return F.linear(x, weight, bias)
     xt = x.reshape(rows, x.shape[-1]).t()  # (in, rows)
     out = torch.addmm(bias[:, None], weight, xt) if bias is not None else weight @ xt  # (out, rows)
@@ -104,7 +109,8 @@ def _half_linear(x, weight, bias, owner, rows: int) -> torch.Tensor:
     if rows <= half.NATIVE_ROWS:
         return F.linear(x, weight, bias)
     bias32 = bias.float() if bias is not None else None
-    if rows <= PACK_ROWS and owner is not None and onednn_enabled() and weight.numel() >= MIN_ENTRIES:
+    packs = rows <= PACK_ROWS or rows >= MANY_ROWS
+    if packs and owner is not None and onednn_enabled() and weight.numel() >= MIN_ENTRIES:
         out = _OP(x.float(), _packed(owner, weight), bias32, "none", [], "")  # packed fp32 copy, as for fp32
     else:
         out = F.linear(x.float(), weight.float(), bias32)
