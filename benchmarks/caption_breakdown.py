@@ -26,14 +26,21 @@ from caption_throughput import (  # noqa: E402
 )
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def timed(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds of each function: one warm-up each, then ``repeats`` interleaved rounds.
+
+    Interleaving (order rotated per round) keeps the slow drifts of a shared machine from
+    landing on one side only.
+    """
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    names, times = list(fns), {name: [] for name in fns}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(v) for name, v in times.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,12 +58,12 @@ def main(argv: list[str] | None = None) -> int:
         for bs in (1, 8):
             batches = [pixels[:bs]] if bs == 8 else [pixels[i : i + 1] for i in range(2)]
             n = sum(len(b) for b in batches)
-            t = {
-                "transformers ViT": timed(lambda: [hf.vision_model(pixel_values=b) for b in batches], args.repeats),
-                "openblip ViT": timed(lambda: [blip.model.encode_image(b) for b in batches], args.repeats),
-                "transformers greedy": timed(hf_runner(hf, batches, 1, 5), args.repeats),
-                "openblip greedy": timed(ob_runner(blip, batches, 1, 5), args.repeats),
-            }
+            t = timed({
+                "transformers ViT": lambda: [hf.vision_model(pixel_values=b) for b in batches],
+                "openblip ViT": lambda: [blip.model.encode_image(b) for b in batches],
+                "transformers greedy": hf_runner(hf, batches, 1, 5),
+                "openblip greedy": ob_runner(blip, batches, 1, 5),
+            }, args.repeats)
             log(f"batch {bs}: " + ", ".join(f"{k} {v:.2f} s" for k, v in t.items()))
             rows.append((bs, n, t))
     info = machine_info()
@@ -72,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{t['openblip ViT'] / t['openblip greedy']:.0%} | "
                   f"{t['transformers greedy'] / t['openblip greedy']:.2f}x | "
                   f"{t['transformers greedy'] / t['openblip ViT']:.2f}x |")
-    md += ["", "Median of the timed repeats after one warm-up; batch 1 captions 2 images one at a time, batch 8 "
-           "captions 8 at once (the cells of `caption_throughput.py`)."]
+    md += ["", "Median of the timed rounds after one warm-up each, the four measurements interleaved (order "
+           "rotated per round); batch 1 captions 2 images one at a time, batch 8 captions 8 at once (the cells of "
+           "`caption_throughput.py`)."]
     with open(args.out, "w", encoding="utf-8") as f:
         f.write("\n".join(md) + "\n")
     log(f"wrote {args.out}")
