@@ -39,6 +39,10 @@ def test_when_half_products_compute_in_fp32(emulated, monkeypatch, dtype):
         assert half.compute_in_fp32(x)
         monkeypatch.delenv("OPENBLIP_HALF_IN_FP32")
         assert not half.compute_in_fp32(x)  # native support: PyTorch's own kernels
+        monkeypatch.setenv("OPENBLIP_HALF_IN_FP32", "yes")
+        with pytest.raises(ValueError, match="OPENBLIP_HALF_IN_FP32='yes'"):
+            half.compute_in_fp32(x)
+        monkeypatch.delenv("OPENBLIP_HALF_IN_FP32")
     with torch.enable_grad():
         monkeypatch.setattr(half, "cpu_has_native", lambda dtype: False)
         assert not half.compute_in_fp32(x)  # training is left alone

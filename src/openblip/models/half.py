@@ -58,6 +58,8 @@ def compute_in_fp32(x: torch.Tensor) -> bool:
     if x.dtype not in HALF or x.device.type != "cpu" or torch.is_grad_enabled():
         return False
     setting = os.environ.get("OPENBLIP_HALF_IN_FP32", "auto")
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"OPENBLIP_HALF_IN_FP32={setting!r}: use auto (the default), 0 or 1")
     if setting == "0":
         return False
     return setting == "1" or not cpu_has_native(x.dtype)
