@@ -13,8 +13,9 @@ from openblip.models.linear import MANY_ROWS, PACK_ROWS, Linear, linear
 
 @pytest.fixture(autouse=True)
 def small_weights_count(monkeypatch):
-    """The tests' small weights take the paths that real (>= 2^18 entries) ones do."""
+    """The tests' small weights take the paths that real (>= 2^18 entries) ones do, packed at first use."""
     monkeypatch.setattr(lin_mod, "MIN_ENTRIES", 0)
+    monkeypatch.setattr(lin_mod, "PACK_AFTER", 1)
 
 
 SHAPES = [(1, 1, 24), (3, 1, 24), (2, 2, 24), (5, 24), (0, 24), (2, PACK_ROWS, 24), (PACK_ROWS + 1, 24),
@@ -120,6 +121,24 @@ def test_row_counts_that_use_the_packed_weight(rows, packs):
     with torch.no_grad():
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
     assert (layer in lin_mod._PACKED) == packs
+
+
+def test_few_rows_pack_a_weight_at_its_pack_after_th_use(monkeypatch):
+    if not lin_mod.onednn_enabled():
+        pytest.skip("this PyTorch has no oneDNN linear")
+    monkeypatch.setattr(lin_mod, "PACK_AFTER", 3)
+    torch.manual_seed(0)
+    layer, batch_layer = Linear(24, 40), Linear(24, 40)
+    x = torch.randn(3, 24)
+    with torch.no_grad():
+        for use in range(1, 4):
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+            assert (layer in lin_mod._PACKED) == (use == 3)
+        layer.weight.mul_(2.0)  # a changed weight counts its uses afresh
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+        assert lin_mod._USES[layer][1] == 1 and layer not in lin_mod._PACKED
+        batch_layer(torch.randn(MANY_ROWS, 24))  # a multi-image product packs at once
+    assert batch_layer in lin_mod._PACKED
 
 
 def test_cross_attention_keys_values_are_contiguous_for_inference():

@@ -7,10 +7,12 @@ a 2-core AVX2 EPYC at BLIP-base shapes (``benchmarks/results/linear_kernels.md``
 the 768 x 3072 FFN take 0.41 ms instead of 1.64 ms, 8 rows through the 30,524-word LM head 10.6 ms
 instead of 34.8 ms. So, without gradients, on CPU, in fp32, for 2-64 rows through a weight of at
 least 2^18 entries (and for one row through a weight of 8M entries or more, i.e. the LM head: for
-smaller ones MKL's matrix-vector path is faster), ``linear`` uses a oneDNN copy of the weight packed
-on first use and cached per module. Small weights stay with ``F.linear``: a oneDNN call costs ~0.1 ms
+smaller ones MKL's matrix-vector path is faster), ``linear`` goes through oneDNN: on the plain weight
+for its first ``PACK_AFTER`` uses, then on a copy packed once and cached per module (so that
+captioning one image does not pay for packing it never earns back). Small weights stay with ``F.linear``: a oneDNN call costs ~0.1 ms
 whatever its size. The packed weight wins again from 1,024 rows on, the image encoder on two or more
-images (ViT-B/16 on 16 images at 384 px: 17.2 s instead of 20.6), but not at one image's 577 rows.
+images (ViT-B/16 on 16 images at 384 px: 17.2 s instead of 20.6), packed at first use there, but
+not at one image's 577 rows.
 
 Everything else is ``F.linear`` unchanged: gradients, other devices and dtypes, 65-1,023 rows.
 The cached copies cost the memory of the weights they pack (the text decoder's ~550 MB at
@@ -36,6 +38,10 @@ from . import half
 from .skip_init import init_skipped
 
 PACK_ROWS = 64  # up to this many rows the packed weight wins (1.1-4.6x measured at 3-48 rows)
+# Few-row products use oneDNN on the plain weight (as fast as MKL's matrix-vector form at 2-4 rows,
+# faster beyond) until a weight's PACK_AFTER-th use, then pack it: 20-25% faster again, but packing the
+# BLIP-base decoder takes ~0.5 s and ~490 MB, which one image's caption (15-20 steps) does not earn back.
+PACK_AFTER = 32
 # From this many rows on (the image encoder on two or more images: 577 tokens each) the packed weight
 # wins again: the ViT-B/16 encoder on 16 images at 384 px took 17.2 s instead of 20.6 (median of 4).
 # In between (one image's 577 tokens, text batches) MKL is as fast or faster.
@@ -61,6 +67,7 @@ _OP, _REORDER = _onednn_op()
 # module -> (weight key, packed weight); outside the module so that deepcopy, pickling and
 # state dicts never see the opaque oneDNN tensors, and freed with the module.
 _PACKED: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+_USES: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()  # (weight key, few-row uses)
 
 
 def onednn_enabled() -> bool:
@@ -68,16 +75,28 @@ def onednn_enabled() -> bool:
     return _OP is not None and os.environ.get("OPENBLIP_ONEDNN", "1") != "0"
 
 
-def _packed(owner: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+def _packed(owner: nn.Module, weight: torch.Tensor, eager: bool) -> torch.Tensor | None:
+    """The packed copy of ``weight``, made now (``eager``) or at its PACK_AFTER-th use; None before."""
     try:
         version = weight._version
     except RuntimeError:  # inference tensors keep no version counter
         version = None
     key = (weight.data_ptr(), version, tuple(weight.shape))
     cached = _PACKED.get(owner)
-    if cached is None or cached[0] != key:
-        cached = _PACKED[owner] = (key, _REORDER(weight.detach().float()))
-    return cached[1]
+    if cached is not None:
+        if cached[0] == key:
+            return cached[1]
+        del _PACKED[owner]  # the weight changed: its old copy is stale
+    if not eager:
+        seen = _USES.get(owner)
+        uses = seen[1] + 1 if seen is not None and seen[0] == key else 1
+        if uses < PACK_AFTER:
+            _USES[owner] = (key, uses)
+            return None
+        _USES.pop(owner, None)
+    packed = _REORDER(weight.detach().float())
+    _PACKED[owner] = (key, packed)
+    return packed
 
 
 def linear(
@@ -96,7 +115,8 @@ def linear(
             or weight.numel() < MIN_ENTRIES or (rows == 1 and weight.numel() < GEMV_MAX_ENTRIES)):
         return F.linear(x, weight, bias)
     if owner is not None and onednn_enabled():
-        return _OP(x, _packed(owner, weight), bias, "none", [], "")
+        packed = _packed(owner, weight, eager=rows >= MANY_ROWS)
+        return _OP(x, weight if packed is None else packed, bias, "none", [], "")
     if rows > SMALL_ROWS:  # only 2-4 rows gain from the fallback's matrix-vector form
         return F.linear(x, weight, bias)
     xt = x.reshape(rows, x.shape[-1]).t()  # (in, rows)
@@ -111,7 +131,7 @@ def _half_linear(x, weight, bias, owner, rows: int) -> torch.Tensor:
     bias32 = bias.float() if bias is not None else None
     packs = rows <= PACK_ROWS or rows >= MANY_ROWS
     if packs and owner is not None and onednn_enabled() and weight.numel() >= MIN_ENTRIES:
-        out = _OP(x.float(), _packed(owner, weight), bias32, "none", [], "")  # packed fp32 copy, as for fp32
+        out = _OP(x.float(), _packed(owner, weight, eager=True), bias32, "none", [], "")  # an fp32 copy
     else:
         out = F.linear(x.float(), weight.float(), bias32)
     return out.to(x.dtype)
