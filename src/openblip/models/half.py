@@ -2,12 +2,11 @@
 
 On a CPU with AVX512-BF16 or AMX, PyTorch's bf16 products run on oneDNN kernels made for them
 (AVX512-FP16 / AMX-FP16 for fp16). Elsewhere (AVX2 machines, many laptops and cloud VMs) they
-fall back to generic code. Measured on a
-2-core AVX2 EPYC (torch 2.13): a 577 x 768 x 3072 product takes 167 ms in bf16 against 32 ms in
-fp32, the 16-pixel patch convolution of one 384 px image 380 ms against 6 ms, and attention of 8
-queries over 577 image tokens 4.9 ms against 1.1 ms; fp16 is as slow (137 ms for a 577 x 768 x 3072
-product, 338 ms for the convolution). Only one kind of bf16 kernel is good there:
-one or two rows times a weight (matrix-vector products, bound by reading the weight, which bf16
+fall back to generic code. Measured on a 2-core AVX2 EPYC (torch 2.13): a 577 x 768 x 3072 product
+takes 167 ms in bf16 against 32 ms in fp32, the 16-pixel patch convolution of one 384 px image 380 ms
+against 6 ms, and attention of 8 queries over 577 image tokens 4.9 ms against 1.1 ms; fp16 is as slow
+(137 ms for a 577 x 768 x 3072 product, 338 ms for the convolution). Only one kind of bf16 kernel is
+good there: one or two rows times a weight (matrix-vector products, bound by reading the weight, which bf16
 halves): one row through BLIP-base's text decoder and LM head, weights read from memory, takes
 20 ms against 41 ms with fp32 weights, two rows 32 ms against 43; from three rows on, the fp32
 products of ``openblip.models.linear`` are as fast or faster.
@@ -15,8 +14,8 @@ products of ``openblip.models.linear`` are as fast or faster.
 So on such CPUs, without gradients, a bf16 (or fp16) model keeps its half-precision weights and
 activations between layers but:
 
-* products of one or two rows use the half-precision kernel (the decoding step of greedy search on one or
-  two images);
+* products of one or two rows use the half-precision kernel (the decoding step of greedy search
+  on one or two images);
 * larger products, attention and the patch convolution compute in fp32 from the bf16 values
   (exactly representable in fp32) and round the result to the model's dtype, as a kernel with fp32
   accumulation would; products of 3-64 rows (batched or beam decoding) and of 1,024 rows or more (the

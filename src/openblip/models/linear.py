@@ -9,8 +9,8 @@ instead of 34.8 ms. So, without gradients, on CPU, in fp32, for 2-64 rows throug
 least 2^18 entries (and for one row through a weight of 8M entries or more, i.e. the LM head: for
 smaller ones MKL's matrix-vector path is faster), ``linear`` goes through oneDNN: on the plain weight
 for its first ``PACK_AFTER`` uses, then on a copy packed once and cached per module (so that
-captioning one image does not pay for packing it never earns back). Small weights stay with ``F.linear``: a oneDNN call costs ~0.1 ms
-whatever its size. The packed weight wins again from 1,024 rows on, the image encoder on two or more
+captioning one image does not pay for packing it never earns back). Small weights stay with
+``F.linear``: a oneDNN call costs ~0.1 ms whatever its size. The packed weight wins again from 1,024 rows on, the image encoder on two or more
 images (ViT-B/16 on 16 images at 384 px: 17.2 s instead of 20.6), packed at first use there, but
 not at one image's 577 rows.
 
@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import half
-from .skip_init import init_skipped
+from .skip_init import SkippableInit
 
 PACK_ROWS = 64  # up to this many rows the packed weight wins (1.1-4.6x measured at 3-48 rows)
 # Few-row products use oneDNN on the plain weight (as fast as MKL's matrix-vector form at 2-4 rows,
@@ -102,10 +102,10 @@ def _packed(owner: nn.Module, weight: torch.Tensor, eager: bool) -> torch.Tensor
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, owner: nn.Module | None = None
 ) -> torch.Tensor:
-    """``F.linear(x, weight, bias)``, through oneDNN for the few rows of CPU fp32 inference.
+    """``F.linear(x, weight, bias)``, through oneDNN for few-row and multi-image CPU inference.
 
     ``owner`` (the module holding ``weight``) keeps the packed copy; without it the oneDNN
-    path is not taken.
+    path is not taken. Half-precision inputs follow ``openblip.models.half``.
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     if rows and weight.dtype == x.dtype and half.compute_in_fp32(x):
@@ -137,15 +137,11 @@ def _half_linear(x, weight, bias, owner, rows: int) -> torch.Tensor:
     return out.to(x.dtype)
 
 
-class Linear(nn.Linear):
+class Linear(SkippableInit, nn.Linear):
     """``nn.Linear`` (same parameters and state-dict names) computed by :func:`linear`.
 
     Its initialisation is skipped inside ``openblip.models.skip_init.no_init``.
     """
-
-    def reset_parameters(self) -> None:
-        if not init_skipped():
-            super().reset_parameters()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias, self)

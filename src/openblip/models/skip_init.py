@@ -3,9 +3,9 @@
 Random initialisation of BLIP-base draws ~225M numbers twice (PyTorch's default in each layer's
 constructor, then BLIP's own scheme): 3.6 of the 4.6 s that loading a checkpoint took. Inside
 :func:`no_init`, openblip's layers (:class:`~openblip.models.linear.Linear`, :class:`Embedding`,
-:class:`Conv2d`, the ViT and BERT initialisers) allocate their weights and leave them unset. Only checkpoint loading uses
-it, and only when the checkpoint holds every weight that would be left unset (otherwise the model is
-built again, initialised). The flag is per thread.
+:class:`Conv2d`, the ViT and BERT initialisers) allocate their weights and leave them unset. Only
+checkpoint loading uses it, and only when the checkpoint holds every weight that would be left unset
+(otherwise the model is built again, initialised). The flag is per thread.
 """
 
 from __future__ import annotations
@@ -35,17 +35,17 @@ def init_skipped() -> bool:
     return getattr(_state, "skip", False)
 
 
-class Embedding(nn.Embedding):
+class SkippableInit:
+    """Mixin for a torch layer: its ``reset_parameters`` does nothing inside :func:`no_init`."""
+
+    def reset_parameters(self) -> None:
+        if not init_skipped():
+            super().reset_parameters()  # type: ignore[misc]
+
+
+class Embedding(SkippableInit, nn.Embedding):
     """``nn.Embedding`` whose initialisation :func:`no_init` can skip."""
 
-    def reset_parameters(self) -> None:
-        if not init_skipped():
-            super().reset_parameters()
 
-
-class Conv2d(nn.Conv2d):
+class Conv2d(SkippableInit, nn.Conv2d):
     """``nn.Conv2d`` whose initialisation :func:`no_init` can skip."""
-
-    def reset_parameters(self) -> None:
-        if not init_skipped():
-            super().reset_parameters()
