@@ -97,9 +97,45 @@ def test_with_gradients_it_is_f_linear():
     assert layer not in lin_mod._PACKED
 
 
-def test_one_row_uses_onednn_only_for_large_weights(monkeypatch):
+@pytest.fixture
+def threads():
+    """Set torch's thread count for one test, restored after."""
+    before = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("n_threads,out_features,blocks", [(2, 40, 2), (3, 40, 2), (4, 40, 4), (2, 7, 1), (1, 40, 1)])
+def test_one_row_is_split_into_a_block_per_thread(monkeypatch, threads, n_threads, out_features, blocks):
+    threads(n_threads)
+    calls = []
+    split = lin_mod._split_one_row
+    monkeypatch.setattr(lin_mod, "_split_one_row", lambda *a: calls.append(a[-1]) or split(*a))
+    torch.manual_seed(0)
+    layer = Linear(24, out_features)
+    for x in (torch.randn(24), torch.randn(1, 1, 24)):
+        with torch.inference_mode():
+            out = layer(x)
+        assert out.shape == (*x.shape[:-1], out_features)
+        torch.testing.assert_close(out, F.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    assert calls == ([blocks] * 2 if blocks > 1 else [])
+    assert layer not in lin_mod._PACKED
+
+
+def test_one_row_through_a_non_contiguous_weight_is_not_split(monkeypatch, threads):
+    threads(2)
+    monkeypatch.setattr(lin_mod, "_split_one_row", None)  # would fail if called
+    torch.manual_seed(0)
+    weight = torch.randn(24, 40).t()  # (40, 24), transposed view
+    x = torch.randn(1, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x, weight), F.linear(x, weight), atol=1e-5, rtol=1e-5)
+
+
+def test_one_row_on_one_thread_uses_onednn_only_for_large_weights(monkeypatch, threads):
     if not lin_mod.onednn_enabled():
         pytest.skip("this PyTorch has no oneDNN linear")
+    threads(1)
     torch.manual_seed(0)
     small, large = Linear(24, 40), Linear(24, 400)
     monkeypatch.setattr(lin_mod, "GEMV_MAX_ENTRIES", 24 * 400)

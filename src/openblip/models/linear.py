@@ -6,13 +6,18 @@ backend) with the weight re-laid out once into its blocked format does much bett
 a 2-core AVX2 EPYC at BLIP-base shapes (``benchmarks/results/linear_kernels.md``): 3 rows through
 the 768 x 3072 FFN take 0.41 ms instead of 1.64 ms, 8 rows through the 30,524-word LM head 10.6 ms
 instead of 34.8 ms. So, without gradients, on CPU, in fp32, for 2-64 rows through a weight of at
-least 2^18 entries (and for one row through a weight of 8M entries or more, i.e. the LM head: for
-smaller ones MKL's matrix-vector path is faster), ``linear`` goes through oneDNN: on the plain weight
-for its first ``PACK_AFTER`` uses, then on a copy packed once and cached per module (so that
-captioning one image does not pay for packing it never earns back). Small weights stay with
-``F.linear``: a oneDNN call costs ~0.1 ms whatever its size. The packed weight wins again from 1,024 rows on, the image encoder on two or more
-images (ViT-B/16 on 16 images at 384 px: 17.2 s instead of 20.6), packed at first use there, but
-not at one image's 577 rows.
+least 2^18 entries, ``linear`` goes through oneDNN: on the plain weight for its first ``PACK_AFTER``
+uses, then on a copy packed once and cached per module (so that captioning one image does not pay for
+packing it never earns back). Small weights stay with ``F.linear``: a oneDNN call costs ~0.1 ms whatever
+its size. The packed weight wins again from 1,024 rows on, the image encoder on two or more images
+(ViT-B/16 on 16 images at 384 px: 17.2 s instead of 20.6), packed at first use there, but not at one
+image's 577 rows.
+
+One row (greedy decoding of one image) is bound by reading the weight, which MKL's and oneDNN's
+matrix-vector kernels do on a single thread; ``linear`` splits the weight's rows into one block per
+thread and multiplies them in one ``bmm`` (:func:`_split_one_row`): ~14 GB/s instead of ~9 on that
+machine. With one thread, the LM head (8M entries or more) goes through oneDNN and smaller weights
+through ``F.linear``.
 
 Everything else is ``F.linear`` unchanged: gradients, other devices and dtypes, 65-1,023 rows.
 The cached copies cost the memory of the weights they pack (the text decoder's ~550 MB at
@@ -53,6 +58,9 @@ GEMV_MAX_ENTRIES = 8_000_000
 # preset's 64 x 256 layers: 0.02 ms with F.linear) it loses.
 MIN_ENTRIES = 1 << 18
 SMALL_ROWS = 4  # the fallback's few-row path (PyTorch without oneDNN)
+# One row times a weight as a batch of row blocks (see _split_one_row); False restores the MKL/oneDNN
+# matrix-vector path.
+SPLIT_ONE_ROW = True
 
 
 def _onednn_op():
@@ -111,9 +119,14 @@ def linear(
     if rows and weight.dtype == x.dtype and half.compute_in_fp32(x):
         return _half_linear(x, weight, bias, owner, rows)
     if (rows == 0 or PACK_ROWS < rows < MANY_ROWS or torch.is_grad_enabled() or x.device.type != "cpu"
-            or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or weight.numel() < MIN_ENTRIES or (rows == 1 and weight.numel() < GEMV_MAX_ENTRIES)):
+            or x.dtype != torch.float32 or weight.dtype != torch.float32 or weight.numel() < MIN_ENTRIES):
         return F.linear(x, weight, bias)
+    if rows == 1:
+        parts = _row_blocks(weight)
+        if parts > 1:
+            return _split_one_row(x, weight, bias, parts)
+        if weight.numel() < GEMV_MAX_ENTRIES:
+            return F.linear(x, weight, bias)
     if owner is not None and onednn_enabled():
         packed = _packed(owner, weight, eager=rows >= MANY_ROWS)
         return _OP(x, weight if packed is None else packed, bias, "none", [], "")
@@ -122,6 +135,32 @@ def linear(
     xt = x.reshape(rows, x.shape[-1]).t()  # (in, rows)
     out = torch.addmm(bias[:, None], weight, xt) if bias is not None else weight @ xt  # (out, rows)
     return out.t().contiguous().view(*x.shape[:-1], weight.shape[0])
+
+
+def _row_blocks(weight: torch.Tensor) -> int:
+    """Blocks to split a weight's rows into for a one-row product: one per thread, or 1 (no split)."""
+    if not SPLIT_ONE_ROW or not weight.is_contiguous():
+        return 1
+    out_features = weight.shape[0]
+    for parts in range(min(torch.get_num_threads(), out_features), 1, -1):
+        if out_features % parts == 0:
+            return parts
+    return 1
+
+
+def _split_one_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, parts: int) -> torch.Tensor:
+    """One row times ``weight`` as ``parts`` products with its row blocks, one per thread.
+
+    A single-row product reads the whole weight to do 2 FLOPs per entry: it is bound by memory, and
+    MKL's and oneDNN's matrix-vector kernels read it on one thread (~9 GB/s on a 2-core EPYC, the same
+    with one thread or two). ``bmm`` over row blocks runs the blocks on separate threads: ~14 GB/s, so
+    a greedy decoding step of BLIP-base (~490 MB of weights) takes 57 instead of 76 ms.
+    """
+    out_features, in_features = weight.shape
+    xs = x.reshape(1, 1, in_features).expand(parts, 1, in_features)
+    blocks = weight.view(parts, out_features // parts, in_features).transpose(1, 2)  # (P, in, out/P)
+    out = torch.bmm(xs, blocks).view(*x.shape[:-1], out_features)  # (P, 1, out/P) -> (..., out)
+    return out.add_(bias) if bias is not None else out
 
 
 def _half_linear(x, weight, bias, owner, rows: int) -> torch.Tensor:
