@@ -12,6 +12,7 @@ from helpers_hf import random_pixel_values
 
 import openblip
 from openblip.models.generation import GenerationConfig, generate
+from openblip.models.med import FoldedKV
 
 pytest.importorskip("transformers")
 
@@ -65,9 +66,10 @@ def test_caption_tokens_match_transformers(caption_pair, prompt, setting):
     prompt_ids = PROMPTS[prompt]
     with torch.no_grad():
         hf_ids = hf_model.generate(pixel_values=pixels, input_ids=torch.tensor([prompt_ids + [SEP]] * 5), **kw)
-        model = blip.model
-        ours = generate(model.text_decoder, model.decoder_cross_kv(model.encode_image(pixels)),
-                        torch.tensor([prompt_ids] * 5), GenerationConfig(**kw))
+        model, cfg = blip.model, GenerationConfig(**kw)
+        cross_kv = model.decoder_cross_kv(model.encode_image(pixels), cfg.rows_per_input)
+        ours = generate(model.text_decoder, cross_kv, torch.tensor([prompt_ids] * 5), cfg)
+    assert isinstance(cross_kv[0], FoldedKV) == (cfg.rows_per_input == 1)  # greedy never computes image keys
     assert ours == _hf_sequences(hf_ids)
     lengths = {len(s) for s in ours}
     if setting.get("num_beams", 1) == 1 and "min_length" not in setting:

@@ -226,7 +226,7 @@ class Blip:
         if self.model.cfg.decoder_cross != "image":
             raise ValueError("this is a VQA model: its decoder reads questions, not images; use answer()")
         image_embeds = self.model.encode_image(pixels)
-        cross_kv = self.model.decoder_cross_kv(image_embeds)
+        cross_kv = self.model.decoder_cross_kv(image_embeds, gen.rows_per_input)
         prompt = torch.tensor([prompt_ids], device=self.device).expand(pixels.shape[0], -1)
         seqs = generate(self.model.part("text_decoder", "captioning"), cross_kv, prompt, gen, generator=generator)
         # Strip the prompt by tokens (the original sliced characters of the decoded text).

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import BlipConfig
-from .med import KV, TextDecoder, TextTransformer, init_bert_weights
+from .med import KV, CrossKV, TextDecoder, TextTransformer, init_bert_weights
 from .vit import VisionTransformer
 
 DEC_TOKEN_ID = 30522
@@ -120,9 +120,13 @@ class BlipModel(nn.Module):
         """ITM logits ``(B, 2)``; class 1 means "matches"."""
         return self.part("itm_head", "ITM").forward(grounded_embeds[:, 0])
 
-    def decoder_cross_kv(self, states: torch.Tensor) -> list[KV]:
-        """Decoder cross-attention keys/values for image (or VQA question) tokens."""
-        return self.part("text_decoder", "decoding").bert.cross_kv(states)
+    def decoder_cross_kv(self, states: torch.Tensor, rows_per_item: int | None = None) -> list[CrossKV]:
+        """Decoder cross-attention keys/values for image (or VQA question) tokens.
+
+        ``rows_per_item``: decoded sequences per item (``GenerationConfig.rows_per_input``);
+        one allows the folded form (see ``TextTransformer.cross_kv``).
+        """
+        return self.part("text_decoder", "decoding").bert.cross_kv(states, rows_per_item)
 
     def decode(
         self,
@@ -131,7 +135,7 @@ class BlipModel(nn.Module):
         *,
         states: torch.Tensor | None = None,
         states_mask: torch.Tensor | None = None,
-        cross_kv: list[KV] | None = None,
+        cross_kv: list[CrossKV] | None = None,
         past: list[KV] | None = None,
         use_cache: bool = False,
         last_only: bool = False,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .med import KV, TextDecoder
+from .med import KV, CrossKV, TextDecoder
 
 NEG = -1.0e9
 
@@ -47,6 +47,13 @@ class GenerationConfig:
     num_return_sequences: int = 1
     eos_token_id: int = 102
     pad_token_id: int = 0
+
+    @property
+    def rows_per_input(self) -> int:
+        """Sequences decoded side by side for each input (beams or samples)."""
+        if self.num_beams > 1:
+            return self.num_beams
+        return self.num_return_sequences if self.do_sample else 1
 
     def validate(self, prompt_length: int) -> None:
         if self.max_length <= prompt_length:
@@ -112,7 +119,7 @@ def _nucleus(ascending: torch.Tensor, top_p: float) -> torch.Tensor:
 class _Stepper:
     """Runs the decoder one step at a time over a growing self-attention cache."""
 
-    def __init__(self, decoder: TextDecoder, cross_kv: list[KV], cross_mask: torch.Tensor | None) -> None:
+    def __init__(self, decoder: TextDecoder, cross_kv: list[CrossKV], cross_mask: torch.Tensor | None) -> None:
         self.decoder, self.cross_kv, self.cross_mask = decoder, cross_kv, cross_mask
         self.past: list[KV] | None = None
 
@@ -137,7 +144,7 @@ class _Stepper:
 @torch.no_grad()
 def generate(
     decoder: TextDecoder,
-    cross_kv: list[KV],
+    cross_kv: list[CrossKV],
     prompt_ids: torch.Tensor,
     cfg: GenerationConfig,
     *,
@@ -147,7 +154,8 @@ def generate(
     """Decode from ``prompt_ids`` (B, P), which start with [DEC].
 
     ``cross_kv`` holds the decoder's cross-attention keys/values for the B
-    images (or VQA questions), ``cross_mask`` (B, N) their padding. Returns
+    images (or VQA questions), from ``cross_kv(states, cfg.rows_per_input)``
+    so that greedy decoding may fold them, ``cross_mask`` (B, N) their padding. Returns
     ``B * num_return_sequences`` token lists (prompt included, ending with
     [SEP] unless cut by ``max_length``), grouped by input.
 

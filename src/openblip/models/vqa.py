@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .med import KV, TextDecoder
+from .med import CrossKV, TextDecoder, cross_batch
 
 
 def sequence_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, label_smoothing: float) -> torch.Tensor:
@@ -27,7 +27,7 @@ def sequence_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, l
 @torch.no_grad()
 def rank_answers(
     decoder: TextDecoder,
-    cross_kv: list[KV],
+    cross_kv: list[CrossKV],
     cross_mask: torch.Tensor | None,
     answer_ids: torch.Tensor,
     answer_mask: torch.Tensor,
@@ -39,7 +39,7 @@ def rank_answers(
     ``cross_kv``: the decoder's cross-attention keys/values of the B question
     encodings; ``answer_ids`` (A, La) start with [DEC] and end with [SEP].
     """
-    b = cross_kv[0][0].shape[0]
+    b = cross_batch(cross_kv[0])
     a = answer_ids.shape[0]
     k = min(k, a)
     start = answer_ids[:1, :1].expand(b, 1)  # [DEC] for every question
