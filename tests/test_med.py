@@ -67,9 +67,25 @@ def test_cross_kv_folds_only_for_one_row_per_item_in_fp32_cpu_inference():
         for rows in (None, 2, 3):
             kvs = model.cross_kv(states, rows_per_item=rows)
             assert isinstance(kvs[0], tuple) and kvs[0][0].shape == (2, 4, 7, 8)
-        assert isinstance(_model().bfloat16().cross_kv(states.bfloat16(), rows_per_item=1)[0], tuple)
     assert isinstance(model.cross_kv(states, rows_per_item=1)[0], tuple)  # gradients on: training
     assert cross_batch(model.cross_kv(states)[0]) == cross_batch(FoldedKV(states)) == 2
+
+
+@pytest.mark.parametrize("in_fp32", ["0", "1"])
+def test_half_precision_folds_where_it_computes_in_fp32(monkeypatch, in_fp32):
+    monkeypatch.setenv("OPENBLIP_HALF_IN_FP32", in_fp32)
+    model = _model().bfloat16()
+    states = torch.randn(2, 7, 48).bfloat16()
+    ids = torch.randint(1, 50, (2, 3))
+    with torch.no_grad():
+        kv = model.cross_kv(states, rows_per_item=1)
+        assert isinstance(kv[0], FoldedKV) == (in_fp32 == "1")
+        if in_fp32 == "1":
+            assert kv[0].states.dtype == torch.float32  # converted once, not at every step
+            out, _ = model(ids, cross_kv=kv)
+            ref, _ = model(ids, cross_kv=model.cross_kv(states))
+            assert out.dtype == torch.bfloat16
+            torch.testing.assert_close(out.float(), ref.float(), atol=0.1, rtol=0.05)
 
 
 def test_fold_rows_zero_turns_folding_off(monkeypatch):
