@@ -159,8 +159,11 @@ def _split_one_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     out_features, in_features = weight.shape
     xs = x.reshape(1, 1, in_features).expand(parts, 1, in_features)
     blocks = weight.view(parts, out_features // parts, in_features).transpose(1, 2)  # (P, in, out/P)
-    out = torch.bmm(xs, blocks).view(*x.shape[:-1], out_features)  # (P, 1, out/P) -> (..., out)
-    return out.add_(bias) if bias is not None else out
+    if bias is None:
+        out = torch.bmm(xs, blocks)  # (P, 1, out/P)
+    else:
+        out = torch.baddbmm(bias.reshape(parts, 1, out_features // parts), xs, blocks)
+    return out.view(*x.shape[:-1], out_features)
 
 
 def _half_linear(x, weight, bias, owner, rows: int) -> torch.Tensor:
