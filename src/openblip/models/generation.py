@@ -16,7 +16,9 @@ called), so the same weights give the same captions:
 What differs is the work: cross-attention keys/values are computed once per
 image and shared by all beams and samples of that image (the decoder folds the
 beams into the query length), and the prompt is run once per image, not once
-per beam. Only the small self-attention cache is reordered between steps.
+per beam. Only the small self-attention cache is reordered between steps. With
+one sequence per image (greedy, or one sample), ``cross_kv(states,
+cfg.rows_per_input)`` computes no keys/values at all (``med.FoldedKV``).
 """
 
 from __future__ import annotations
