@@ -32,6 +32,7 @@ bf16 and fp16 inputs on a CPU without matrix units for them take the rules of ``
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 
@@ -141,11 +142,13 @@ def _row_blocks(weight: torch.Tensor) -> int:
     """Blocks to split a weight's rows into for a one-row product: one per thread, or 1 (no split)."""
     if not SPLIT_ONE_ROW or not weight.is_contiguous():
         return 1
-    out_features = weight.shape[0]
-    for parts in range(min(torch.get_num_threads(), out_features), 1, -1):
-        if out_features % parts == 0:
-            return parts
-    return 1
+    return _largest_divisor(weight.shape[0], torch.get_num_threads())
+
+
+@functools.lru_cache(maxsize=256)
+def _largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of ``n`` that is at most ``at_most``, or 1 if it is 1."""
+    return next((d for d in range(min(at_most, n), 1, -1) if n % d == 0), 1)
 
 
 def _split_one_row(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, parts: int) -> torch.Tensor:
