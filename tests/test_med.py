@@ -10,13 +10,17 @@ from openblip.models.med import FoldedKV, TextDecoder, TextTransformer, cross_ba
 CFG = TextConfig(vocab_size=50, width=32, depth=2, heads=4, intermediate_size=64, max_position_embeddings=32)
 
 
-def _model(cross_width: int = 48) -> TextTransformer:
+def _randomised(module: torch.nn.Module) -> torch.nn.Module:
+    """Every parameter drawn anew: the BERT init's zero biases would hide a mishandled key or value bias."""
     torch.manual_seed(0)
-    model = TextTransformer(CFG, cross_width).eval()
-    with torch.no_grad():  # the BERT init's zero biases would hide a mishandled key or value bias
-        for p in model.parameters():
+    with torch.no_grad():
+        for p in module.parameters():
             p.normal_(0.0, 0.3)
-    return model
+    return module.eval()
+
+
+def _model(cross_width: int = 48) -> TextTransformer:
+    return _randomised(TextTransformer(CFG, cross_width))
 
 
 @pytest.mark.parametrize("per_image,length", [(1, 1), (3, 1), (1, 5), (2, 4)])
@@ -40,11 +44,7 @@ def test_folded_cross_attention_equals_keys_and_values(per_image, length, masked
 
 
 def test_folded_decoding_with_a_cache_equals_keys_and_values():
-    torch.manual_seed(0)
-    decoder = TextDecoder(CFG, 48).eval()
-    with torch.no_grad():
-        for p in decoder.parameters():
-            p.normal_(0.0, 0.3)
+    decoder = _randomised(TextDecoder(CFG, 48))
     states = torch.randn(3, 6, 48)
     ids = torch.randint(1, 50, (3, 4))
     with torch.no_grad():

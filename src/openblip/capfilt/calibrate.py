@@ -33,7 +33,7 @@ from ..images import ImageError, load_image
 from ..train.distributed import barrier
 from .filter import score_texts
 from .manifest import write_json
-from .run import IMAGE_EXTENSIONS, _web_text, image_member
+from .run import IMAGE_EXTENSIONS, image_member, web_text
 
 if TYPE_CHECKING:
     from ..api import Blip
@@ -131,7 +131,7 @@ def _texts(paths: list[str], positive_key: str | None, limit: int | None, skippe
     items: list[tuple[str, str, Any]] = []
     for path in paths:
         for sample in iter_samples(path, lazy=IMAGE_EXTENSIONS):
-            text = _web_text(sample)[1]  # cleaned as CapFilt cleans the texts it scores
+            text = web_text(sample)[1]  # cleaned as CapFilt cleans the texts it scores
             if not text:
                 skipped["no_text"] += 1
                 continue

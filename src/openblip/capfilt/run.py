@@ -299,7 +299,7 @@ def _process_batch(
 ) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
     """Caption and score one batch; returns (output sample, decision records) per input sample."""
     ok = [i for i, d in enumerate(decoded) if d.error is None]
-    webs = [_web_text(s) for s in samples]
+    webs = [web_text(s) for s in samples]
     captions: list[list[str]] = []
     scores: list[list[dict[str, Any]]] = []
     if ok:
@@ -324,7 +324,7 @@ def _process_batch(
     return results
 
 
-def _web_text(sample: dict[str, Any]) -> tuple[str | None, str]:
+def web_text(sample: dict[str, Any]) -> tuple[str | None, str]:
     """(raw web text or None, cleaned text: "" when there is nothing to score)."""
     raw = sample.get("txt")
     if not isinstance(raw, str):

@@ -21,7 +21,8 @@ activations between layers but:
   accumulation would; products of 3-64 rows (batched or beam decoding) and of 1,024 rows or more (the
   image encoder on several images) use the packed fp32 weight copies of ``openblip.models.linear``,
   and hold them in memory, as an fp32 model does;
-* image (cross-attention) keys and values are kept in fp32, since they are read at every step.
+* image (cross-attention) keys and values are kept in fp32, since they are read at every step
+  (greedy decoding keeps the image tokens themselves in fp32 instead: ``med.FoldedKV``).
 
 The results are half-precision results (within rounding of a native kernel's), not fp32 ones.
 Training (gradients enabled) and other devices are unchanged. ``OPENBLIP_HALF_IN_FP32=0`` turns this
